@@ -1,0 +1,1 @@
+"""tome-serve: the HTTP service around the tome library."""

@@ -1,0 +1,74 @@
+"""ToMe versions of timm's ViT block and the attention and pooling it needs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+
+from .state import CallState
+
+
+def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Attention forward with an additive bias, returning the output and the keys [B, H, N, D].
+
+    It always uses the fused kernel; with ``bias=None`` that is the unmasked kernel.
+    """
+    batch, num_tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k
+
+
+class ToMeBlock(Block):
+    """timm's pre-norm Block that merges ``r`` tokens between its attention and MLP branches.
+
+    Called without ``state`` it is exactly timm's Block.
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        state: CallState | None = None,
+        r: int = 0,
+    ) -> torch.Tensor:
+        if state is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        num_tokens = x.shape[1]
+        bias = state.attn_bias(x.dtype)
+        if r == 0 and bias is None:
+            x = super().forward(x)
+        else:
+            out, keys = attend(self.attn, self.norm1(x), bias)
+            x = x + self.drop_path1(self.ls1(out))
+            if r > 0:
+                x = state.merge(x, keys.mean(dim=1), r)
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        state.record(num_tokens, x)
+        return x
+
+
+def weighted_pool(x: torch.Tensor, sizes: torch.Tensor, pool_type: str, num_prefix: int) -> torch.Tensor:
+    """timm's global_pool_nlc where every token counts as many times as the patches it holds."""
+    if pool_type == "token":
+        return x[:, 0]
+    x, sizes = x[:, num_prefix:], sizes[:, num_prefix:, None].to(x.dtype)
+    avg = (x * sizes).sum(dim=1) / sizes.sum(dim=1)
+    if pool_type == "avg":
+        return avg
+    if pool_type == "max":
+        return x.amax(dim=1)
+    if pool_type == "avgmax":
+        return 0.5 * (x.amax(dim=1) + avg)
+    raise ValueError(f"unknown pool type {pool_type!r}")

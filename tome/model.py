@@ -1,0 +1,141 @@
+"""The ToMe version of timm's VisionTransformer, made by swapping the class of a model in place."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import VisionTransformer
+
+from .context import MergeInfo, current_request, remember_features, sizes_for
+from .layers import weighted_pool
+from .schedule import parse_r
+from .state import CallState
+
+
+class ToMeVisionTransformer(VisionTransformer):
+    """Mixin placed in front of the model's own class. Weights and state_dict keys are untouched.
+
+    ``r`` is the model's default schedule; :func:`tome.merging` overrides it per call.
+    """
+
+    r: object = 0
+    tome_prop_attn: bool = True
+
+    def _tome_begin(self, x: torch.Tensor, force_source: bool = False) -> tuple[torch.Tensor, CallState, list[int]]:
+        request = current_request()
+        r = self.r if request is None or request.r is None else request.r
+        schedule = parse_r(r, len(self.blocks))
+        trace = force_source or (request is not None and request.trace_source)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return x, CallState.start(x, self.num_prefix_tokens, self.tome_prop_attn, trace), schedule
+
+    def _tome_finish(self, x: torch.Tensor, state: CallState) -> None:
+        remember_features(x, None if state.size is None else state.size[..., 0])
+        request = current_request()
+        if request is not None:
+            _fill(request.info, state, state.final_sizes(x))
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x, state, schedule = self._tome_begin(x)
+        _check_masks(schedule, attn_mask, is_causal)
+        if not any(schedule):
+            x = self.blocks(x) if attn_mask is None and not is_causal else _masked(self, x, attn_mask, is_causal)
+            state.token_counts = [x.shape[1]] * len(self.blocks)
+            state.applied_r = [0] * len(self.blocks)
+        else:
+            for block, r in zip(self.blocks, schedule, strict=True):
+                x = block(x, state=state, r=r)
+        x = self.norm(x)
+        self._tome_finish(x, state)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ):
+        """timm's forward_intermediates. Merged intermediates are spread back over the input grid:
+        every patch position carries the features of the token it was merged into."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x, state, schedule = self._tome_begin(x, force_source=True)
+        _check_masks(schedule, attn_mask, is_causal)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        taken = []
+        for i, (block, r) in enumerate(zip(blocks, schedule, strict=False)):
+            x = block(x, state=state, r=r)
+            if i in take:
+                y = self.norm(x) if norm else x
+                taken.append(y.gather(1, state.source[..., None].expand(-1, -1, y.shape[-1])))
+        prefix = [y[:, : self.num_prefix_tokens] for y in taken] if self.num_prefix_tokens else None
+        spatial = [y[:, self.num_prefix_tokens :] for y in taken]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            spatial = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
+        final = None
+        if not intermediates_only:
+            final = self.norm(x)
+            self._tome_finish(final, state)
+        if output_dict:
+            out = {"image_intermediates": spatial}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if final is not None:
+                out["image_features"] = final
+            return out
+        if return_prefix_tokens and prefix is not None:
+            spatial = list(zip(spatial, prefix, strict=True))
+        return spatial if intermediates_only else (final, spatial)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        sizes = sizes_for(x)
+        if sizes is None:
+            return super().pool(x, pool_type)
+        if self.attn_pool is not None:
+            # The pooling attention is proportional too: a merged token speaks for all its patches.
+            if not self.pool_include_prefix:
+                x, sizes = x[:, self.num_prefix_tokens :], sizes[:, self.num_prefix_tokens :]
+            return self.attn_pool(x, attn_mask=sizes.log().to(x.dtype)[:, None, None, :])
+        prefix = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        return weighted_pool(x, sizes, self.global_pool if pool_type is None else pool_type, prefix)
+
+
+def _check_masks(schedule: list[int], attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if any(schedule) and (attn_mask is not None or is_causal):
+        raise ValueError("attention masks fix the token count, so they cannot be combined with merging (r > 0)")
+
+
+def _masked(model: VisionTransformer, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool):
+    for block in model.blocks:
+        x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+    return x
+
+
+def _fill(info: MergeInfo, state: CallState, sizes: torch.Tensor) -> None:
+    info.r = list(state.applied_r)
+    info.input_tokens = state.input_tokens
+    info.token_counts = list(state.token_counts)
+    info.sizes = sizes
+    info.source = state.source
+
+
+@cache
+def tome_class(cls: type[VisionTransformer]) -> type[VisionTransformer]:
+    """``ToMe<cls>``: the model's own class with ToMe's forward methods in front of it."""
+    if issubclass(cls, ToMeVisionTransformer):
+        return cls
+    return type(f"ToMe{cls.__name__}", (ToMeVisionTransformer, cls), {})

@@ -1,0 +1,57 @@
+"""The state of one forward pass: token sizes, source map and token counts.
+
+A fresh :class:`CallState` is made by every patched forward call and passed down to the blocks
+explicitly, so it is never shared between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .merge import bipartite_soft_matching, merge_source, merge_weighted
+
+
+@dataclass
+class CallState:
+    num_protected: int
+    prop_attn: bool
+    input_tokens: int
+    size: torch.Tensor | None = None
+    """[B, N, 1] token sizes; None while no token has been merged (all sizes are 1)."""
+    source: torch.Tensor | None = None
+    """[B, N_in] current index of every input token; None unless traced."""
+    applied_r: list[int] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, x: torch.Tensor, num_protected: int, prop_attn: bool, trace_source: bool) -> CallState:
+        batch, num_tokens, _ = x.shape
+        source = None
+        if trace_source:
+            source = torch.arange(num_tokens, device=x.device).expand(batch, -1)
+        return cls(num_protected, prop_attn, num_tokens, source=source)
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Proportional attention: log(size) added to every key's logit. None means plain attention."""
+        if self.size is None or not self.prop_attn:
+            return None
+        return self.size.log().to(dtype)[:, None, None, :, 0]
+
+    def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> torch.Tensor:
+        match = bipartite_soft_matching(metric, r, self.num_protected)
+        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+        x, self.size = merge_weighted(match, x, size)
+        if self.source is not None:
+            self.source = merge_source(match, self.source)
+        return x
+
+    def record(self, num_tokens_before: int, x: torch.Tensor) -> None:
+        self.applied_r.append(num_tokens_before - x.shape[1])
+        self.token_counts.append(x.shape[1])
+
+    def final_sizes(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is None:
+            return x.new_ones(x.shape[0], x.shape[1])
+        return self.size[..., 0]
