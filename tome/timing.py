@@ -1,0 +1,47 @@
+"""Throughput measurement shared by the benchmarks: warm up, then time variants interleaved."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Seconds one call of ``fn`` takes, waiting for the device to finish."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(
+    variants: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each variant, timing them in turn in every round.
+
+    Interleaving spreads slow drifts of the machine (thermal, other load) over all variants
+    instead of biasing whichever ran last.
+    """
+    with torch.inference_mode():
+        for fn in variants.values():
+            for _ in range(warmup):
+                fn()
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for i in range(rounds):
+            for name, fn in variants.items():
+                samples[name].append(time_call(fn, device))
+            if on_round is not None:
+                on_round(i)
+    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
