@@ -1,0 +1,427 @@
+// Demo page for tome-serve. Plain browser JavaScript, no build step, no third-party code.
+// It talks to the public API (/models, /classify, /visualize) exactly as any client would.
+"use strict";
+
+(() => {
+  const DEBOUNCE_MS = 150;
+  const TOP_K = 5;
+  const KEY_STORAGE = "tome-serve.api-key";
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    fileInput: $("file-input"),
+    dropZone: $("drop-zone"),
+    modelSelect: $("model-select"),
+    modelMeta: $("model-meta"),
+    slider: $("r-slider"),
+    rValue: $("r-value"),
+    auth: $("auth"),
+    apiKey: $("api-key"),
+    results: $("results"),
+    status: $("status"),
+    error: $("error"),
+    weightsNote: $("weights-note"),
+    original: $("original-image"),
+    originalPlaceholder: $("original-placeholder"),
+    merge: $("merge-image"),
+    mergePlaceholder: $("merge-placeholder"),
+    mergeCaption: $("merge-caption"),
+    tokens: $("tokens"),
+    speedup: $("speedup"),
+    gflops: $("gflops"),
+    inferenceMs: $("inference-ms"),
+    batch: $("batch"),
+    totalMs: $("total-ms"),
+    queueMs: $("queue-ms"),
+    predictions: $("predictions"),
+  };
+
+  // What the user has chosen; results are derived from it by refresh().
+  const state = {
+    models: [],
+    file: null,
+    controller: null, // AbortController of the newest request; older ones are aborted
+    debounceTimer: 0,
+    originalUrl: "",
+    mergeUrl: "",
+  };
+
+  // ---------- API ----------
+
+  class ApiError extends Error {}
+
+  function authHeaders() {
+    const key = ui.apiKey.value.trim();
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+
+  function describeDetail(detail) {
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      // FastAPI validation errors: [{loc: ["query", "r"], msg: "..."}]
+      return detail
+        .map((item) => {
+          const where = Array.isArray(item.loc) ? item.loc.filter((part) => part !== "query" && part !== "body") : [];
+          return where.length ? `${where.join(".")}: ${item.msg}` : String(item.msg ?? JSON.stringify(item));
+        })
+        .join("; ");
+    }
+    return detail == null ? "" : JSON.stringify(detail);
+  }
+
+  async function errorFromResponse(response) {
+    let detail = "";
+    try {
+      detail = describeDetail((await response.json()).detail);
+    } catch {
+      // not JSON (a proxy error page, say): fall back to the status line
+    }
+    let message = detail || `${response.status} ${response.statusText}`.trim();
+    if (response.status === 401) {
+      message += ". This server requires an API key: enter it under “API key”.";
+      ui.auth.open = true;
+    } else if (response.status === 429) {
+      const retry = response.headers.get("Retry-After");
+      message += retry ? ` Try again in ${retry} s.` : " Try again shortly.";
+    }
+    return new ApiError(`Error ${response.status}: ${message}`);
+  }
+
+  async function request(path, options = {}) {
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(`Could not reach the server (${err.message}).`);
+    }
+    if (!response.ok) throw await errorFromResponse(response);
+    return response;
+  }
+
+  function postImage(endpoint, params, file, signal) {
+    const body = new FormData();
+    body.append("file", file, file.name || "image");
+    const query = new URLSearchParams(params).toString();
+    return request(`${endpoint}?${query}`, { method: "POST", body, signal });
+  }
+
+  // ---------- /models ----------
+
+  function modelList(payload) {
+    if (Array.isArray(payload)) return payload;
+    if (payload && Array.isArray(payload.models)) return payload.models;
+    return [];
+  }
+
+  function currentModel() {
+    return state.models.find((m) => m.name === ui.modelSelect.value) || null;
+  }
+
+  // The analytical cost of one r: /models lists it per r, as a list of rows or keyed by r.
+  function costAt(model, r) {
+    const table = model && (model.per_r ?? model.r_table ?? model.costs);
+    if (Array.isArray(table)) return table.find((row) => Number(row.r) === r) || null;
+    if (table && typeof table === "object") return table[String(r)] || null;
+    return null;
+  }
+
+  async function loadModels() {
+    setStatus("Loading models…");
+    try {
+      const payload = await (await request("models")).json();
+      state.models = modelList(payload);
+    } catch (err) {
+      showError(err.message);
+      setStatus("Could not load the models.");
+      return;
+    }
+    if (!state.models.length) {
+      showError("The server reports no loaded models.");
+      return;
+    }
+    const previous = ui.modelSelect.value;
+    ui.modelSelect.replaceChildren(
+      ...state.models.map((m) => new Option(m.weights ? `${m.name} (${m.weights} weights)` : m.name, m.name)),
+    );
+    if (state.models.some((m) => m.name === previous)) ui.modelSelect.value = previous;
+    ui.modelSelect.disabled = false;
+    clearError();
+    applyModel({ keepR: false });
+    setStatus(state.file ? "" : "Ready. Choose an image or a sample.");
+    scheduleRefresh(0);
+  }
+
+  function applyModel({ keepR }) {
+    const model = currentModel();
+    if (!model) return;
+    const rMin = Number(model.r_min ?? 0);
+    const rMax = Number(model.r_max ?? 0);
+    const wanted = keepR ? Number(ui.slider.value) : Number(model.default_r ?? rMin);
+    ui.slider.min = String(rMin);
+    ui.slider.max = String(rMax);
+    ui.slider.value = String(Math.min(rMax, Math.max(rMin, wanted)));
+    ui.slider.disabled = rMax <= rMin;
+
+    const size = model.input_size ?? model.img_size;
+    const facts = [
+      size ? `input ${Array.isArray(size) ? size.slice(-2).join("×") : size}` : "",
+      model.device ? `device ${model.device}` : "",
+      model.dtype ? String(model.dtype) : "",
+      `r ${rMin}–${rMax}`,
+    ].filter(Boolean);
+    ui.modelMeta.textContent = facts.join(" · ");
+
+    const random = String(model.weights || "").toLowerCase() === "random";
+    ui.weightsNote.hidden = !random;
+    ui.weightsNote.textContent = random
+      ? "This model has random weights, so its predictions are meaningless; the merge map and timings are real."
+      : "";
+    showR();
+  }
+
+  // The slider's own readouts come from /models and need no request.
+  function showR() {
+    const r = Number(ui.slider.value);
+    ui.rValue.textContent = String(r);
+    const cost = costAt(currentModel(), r);
+    const speedup = cost && Number(cost.speedup ?? cost.expected_speedup);
+    const gflops = cost && Number(cost.gflops ?? cost.gmacs);
+    ui.speedup.textContent = speedup ? `${speedup.toFixed(2)}×` : "–";
+    const base = costAt(currentModel(), 0);
+    const baseGflops = base && Number(base.gflops ?? base.gmacs);
+    ui.gflops.textContent = gflops
+      ? `${formatNumber(gflops)} GFLOPs per image${baseGflops ? ` (r=0: ${formatNumber(baseGflops)})` : ""}`
+      : "";
+    ui.slider.setAttribute("aria-valuetext", speedup ? `r ${r}, expected speedup ${speedup.toFixed(2)} times` : `r ${r}`);
+  }
+
+  // ---------- requests for the current choice ----------
+
+  function scheduleRefresh(delay = DEBOUNCE_MS) {
+    clearTimeout(state.debounceTimer);
+    state.debounceTimer = setTimeout(refresh, delay);
+  }
+
+  async function refresh() {
+    const model = currentModel();
+    const file = state.file;
+    if (!model || !file) return;
+    const r = Number(ui.slider.value);
+
+    // A newer choice makes any request still in flight useless: abort it, and check identity
+    // after every await so that a late answer can never overwrite a newer one.
+    state.controller?.abort();
+    const controller = new AbortController();
+    state.controller = controller;
+    const isCurrent = () => state.controller === controller;
+
+    ui.results.setAttribute("aria-busy", "true");
+    setStatus(`Running ${model.name} at r=${r} on ${file.name || "the image"}…`);
+    try {
+      const params = { model: model.name, r: String(r) };
+      const [classified, mergeBlob] = await Promise.all([
+        postImage("classify", { ...params, top_k: String(TOP_K) }, file, controller.signal).then((res) => res.json()),
+        postImage("visualize", params, file, controller.signal).then((res) => res.blob()),
+      ]);
+      if (!isCurrent()) return;
+      clearError();
+      renderResult(classified, mergeBlob, r, file);
+    } catch (err) {
+      if (!isCurrent() || err.name === "AbortError") return;
+      controller.abort(); // the sibling request is useless now
+      ui.results.classList.add("stale");
+      showError(err instanceof ApiError ? err.message : `Unexpected error: ${err.message}`);
+      setStatus("The last request failed.");
+    } finally {
+      if (isCurrent()) ui.results.setAttribute("aria-busy", "false");
+    }
+  }
+
+  // ---------- rendering ----------
+
+  function formatNumber(value, digits = 1) {
+    return Number(value).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
+  }
+
+  function formatScore(score) {
+    const percent = score * 100;
+    if (percent >= 10) return `${percent.toFixed(1)}%`;
+    return `${percent.toPrecision(2)}%`;
+  }
+
+  function renderResult(result, mergeBlob, r, file) {
+    const name = file.name || "the image";
+    ui.results.classList.remove("stale");
+    ui.results.dataset.r = String(result.r ?? r);
+    ui.results.dataset.model = String(result.model ?? "");
+
+    if (state.mergeUrl) URL.revokeObjectURL(state.mergeUrl);
+    state.mergeUrl = URL.createObjectURL(mergeBlob);
+    ui.merge.src = state.mergeUrl;
+    ui.merge.alt = `Merge map of ${name} at r=${r}: patches merged into the same token share one colour`;
+    ui.merge.hidden = false;
+    ui.mergePlaceholder.hidden = true;
+    ui.mergeCaption.textContent = `Merge map at r=${r} (model input; patches of one token share a colour)`;
+
+    const tokens = result.tokens || {};
+    ui.tokens.textContent = `${tokens.input ?? "?"} → ${tokens.output ?? "?"}`;
+    const timing = result.timing_ms || {};
+    ui.inferenceMs.textContent = timing.inference != null ? `${formatNumber(timing.inference)} ms` : "–";
+    ui.totalMs.textContent = timing.total != null ? `${formatNumber(timing.total)} ms` : "–";
+    ui.queueMs.textContent = timing.queue != null ? `of which queued ${formatNumber(timing.queue)} ms` : "";
+    ui.batch.textContent = result.batch_size ? `batch of ${result.batch_size}` : "";
+
+    const predictions = Array.isArray(result.predictions) ? result.predictions : [];
+    ui.predictions.replaceChildren(...predictions.map(predictionItem));
+    if (!predictions.length) ui.predictions.replaceChildren(emptyItem("The server returned no predictions."));
+    setStatus(`${name}: ${tokens.input ?? "?"} → ${tokens.output ?? "?"} tokens at r=${r}, ` +
+      `${timing.total != null ? formatNumber(timing.total) : "?"} ms in total.`);
+  }
+
+  function predictionItem(prediction) {
+    const score = Number(prediction.score);
+    const item = document.createElement("li");
+    item.className = "prediction";
+    item.dataset.index = String(prediction.index);
+    item.dataset.score = String(prediction.score);
+
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = prediction.label ?? `class ${prediction.index}`;
+    const value = document.createElement("span");
+    value.className = "score";
+    value.textContent = formatScore(score);
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.style.width = `${Math.max(0, Math.min(1, score)) * 100}%`;
+    bar.append(fill);
+    item.append(label, value, bar);
+    return item;
+  }
+
+  function emptyItem(text) {
+    const item = document.createElement("li");
+    item.className = "empty";
+    item.textContent = text;
+    return item;
+  }
+
+  function clearResults() {
+    ui.merge.hidden = true;
+    ui.merge.removeAttribute("src");
+    ui.merge.alt = "Merge map: not computed yet";
+    ui.mergePlaceholder.hidden = false;
+    if (state.mergeUrl) URL.revokeObjectURL(state.mergeUrl);
+    state.mergeUrl = "";
+    for (const el of [ui.tokens, ui.inferenceMs, ui.totalMs]) el.textContent = "–";
+    ui.queueMs.textContent = "";
+    ui.batch.textContent = "";
+    ui.predictions.replaceChildren(emptyItem("No predictions yet."));
+    delete ui.results.dataset.r;
+    ui.results.classList.remove("stale");
+  }
+
+  function setStatus(text) {
+    ui.status.textContent = text;
+  }
+
+  function showError(text) {
+    ui.error.textContent = text;
+    ui.error.hidden = false;
+  }
+
+  function clearError() {
+    ui.error.hidden = true;
+    ui.error.textContent = "";
+  }
+
+  // ---------- choosing an image ----------
+
+  function useFile(file) {
+    if (!file) return;
+    state.file = file;
+    clearResults();
+    clearError();
+    if (state.originalUrl) URL.revokeObjectURL(state.originalUrl);
+    state.originalUrl = URL.createObjectURL(file);
+    ui.original.alt = `The chosen image, ${file.name || "unnamed"}`;
+    ui.original.src = state.originalUrl;
+    ui.original.hidden = false;
+    ui.originalPlaceholder.hidden = true;
+    scheduleRefresh(0);
+  }
+
+  // The browser cannot show some files that the server may still decode (or rejects: the server
+  // has the last word and its error is shown); only the preview is dropped here.
+  ui.original.addEventListener("error", () => {
+    if (!ui.original.getAttribute("src")) return;
+    ui.original.hidden = true;
+    ui.originalPlaceholder.hidden = false;
+    ui.originalPlaceholder.textContent = "This browser cannot preview the file";
+  });
+
+  async function useSample(button) {
+    const src = button.dataset.src;
+    try {
+      const response = await fetch(src);
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const blob = await response.blob();
+      useFile(new File([blob], src.split("/").pop(), { type: blob.type || "image/jpeg" }));
+    } catch (err) {
+      showError(`Could not load the sample image (${err.message}).`);
+    }
+  }
+
+  function firstFile(dataTransfer) {
+    return dataTransfer && dataTransfer.files && dataTransfer.files.length ? dataTransfer.files[0] : null;
+  }
+
+  // ---------- wiring ----------
+
+  ui.fileInput.addEventListener("change", () => useFile(ui.fileInput.files[0]));
+  for (const button of document.querySelectorAll("button.sample")) {
+    button.addEventListener("click", () => useSample(button));
+  }
+
+  // Dropping anywhere on the page works; without this the browser would navigate to the file.
+  document.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    ui.dropZone.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) ui.dropZone.classList.remove("dragging");
+  });
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    ui.dropZone.classList.remove("dragging");
+    useFile(firstFile(event.dataTransfer));
+  });
+  document.addEventListener("paste", (event) => {
+    const file = firstFile(event.clipboardData);
+    if (file) useFile(file);
+  });
+
+  ui.modelSelect.addEventListener("change", () => {
+    applyModel({ keepR: true });
+    scheduleRefresh(0);
+  });
+  ui.slider.addEventListener("input", () => {
+    showR();
+    scheduleRefresh();
+  });
+
+  ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  ui.apiKey.addEventListener("change", () => {
+    const key = ui.apiKey.value.trim();
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+    if (state.models.length) scheduleRefresh(0);
+    else loadModels();
+  });
+  if (ui.apiKey.value) ui.auth.open = true;
+
+  loadModels();
+})();
