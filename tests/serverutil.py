@@ -1,0 +1,135 @@
+"""Start the real tome-serve server in a subprocess for tests.
+
+``with run_server() as base_url: ...`` runs ``python -m server`` on a free loopback port with a tiny
+randomly initialised ViT (:data:`TINY_MODEL_ENV`), waits until ``/readyz`` answers 200, and stops the
+server with SIGTERM on exit (the same graceful drain a container runtime triggers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL_KWARGS = {"embed_dim": 64, "depth": 4, "num_heads": 2, "img_size": 64, "patch_size": 8}
+"""A 4-block ViT on 64x64 inputs with 8x8 patches: 64 patches + 1 class token = 65 tokens."""
+
+TINY_MODEL_ENV: dict[str, str] = {
+    "TOME_MODEL": "vit_tiny_patch16_224",
+    "TOME_MODEL_KWARGS": json.dumps(TINY_MODEL_KWARGS),
+    "TOME_WEIGHTS": "random",
+    "TOME_DEVICE": "cpu",
+    "TOME_DTYPE": "float32",
+}
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running server: its base URL, the process, and the file its output goes to."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, then wait for the graceful drain; SIGKILL if it does not end in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise RuntimeError(f"server ignored SIGTERM for {timeout}s\n{self.log()[-4000:]}") from None
+        return self.process.returncode
+
+
+def server_env(env: dict[str, str] | None = None, port: int | None = None) -> dict[str, str]:
+    """The environment for a test server: this process's, the tiny model, then ``env`` on top."""
+    full = {**os.environ, **TINY_MODEL_ENV, **(env or {})}
+    full["TOME_HOST"] = "127.0.0.1"
+    full["TOME_PORT"] = str(port or free_port())
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    full.setdefault("PYTHONUNBUFFERED", "1")
+    return full
+
+
+def start_server(
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    args: list[str] | None = None,
+    wait_ready: bool = True,
+) -> ServerProcess:
+    """Start ``python -m server``; with ``wait_ready`` return once ``/readyz`` is 200."""
+    full_env = server_env(env, port)
+    url = f"http://127.0.0.1:{full_env['TOME_PORT']}"
+    log = tempfile.NamedTemporaryFile(prefix="tome-serve-", suffix=".log", delete=False)  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", *(args or [])],
+        cwd=REPO_ROOT,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    server = ServerProcess(url=url, process=process, log_path=Path(log.name))
+    if wait_ready:
+        try:
+            wait_until_ready(server)
+        except BaseException:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            raise
+    return server
+
+
+def wait_until_ready(server: ServerProcess, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready after {timeout}s\n{server.log()[-4000:]}")
+
+
+@contextmanager
+def run_server(env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
+    """Run a tiny-model server for the duration of the block; yields its base URL."""
+    server = start_server(env, port)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        server.log_path.unlink(missing_ok=True)
