@@ -48,7 +48,7 @@ class ToMeBlock(Block):
         num_tokens = x.shape[1]
         bias = state.attn_bias(x.dtype)
         if r == 0 and bias is None:
-            x = super().forward(x)
+            x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         else:
             out, keys = attend(self.attn, self.norm1(x), bias)
             x = x + self.drop_path1(self.ls1(out))

@@ -29,7 +29,8 @@ class Match:
     """[B, N] LongTensor: the position each old token occupies (or was merged into) after the merge."""
 
 
-def _partition(num_tokens: int, num_protected: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _partition(num_tokens: int, num_protected: int, device: torch.device):
+    """Positions of the A and B tokens: alternating, protected tokens in neither."""
     positions = torch.arange(num_protected, num_tokens, device=device)
     is_a = positions % 2 == 0
     return positions[is_a], positions[~is_a]
@@ -76,8 +77,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int) ->
 
     new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
     new_index[:, :num_protected] = torch.arange(num_protected, device=device)
-    new_index.scatter_(1, kept_pos, torch.arange(num_protected, num_protected + num_kept, device=device)
-                       .expand(batch, -1))
+    new_index.scatter_(
+        1, kept_pos, torch.arange(num_protected, num_protected + num_kept, device=device).expand(batch, -1)
+    )
     b_new = num_protected + num_kept
     new_index[:, b_pos] = torch.arange(b_new, b_new + b_pos.numel(), device=device)
     new_index.scatter_(1, src_pos, b_new + dst)

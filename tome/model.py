@@ -23,7 +23,8 @@ class ToMeVisionTransformer(VisionTransformer):
     r: object = 0
     tome_prop_attn: bool = True
 
-    def _tome_begin(self, x: torch.Tensor, force_source: bool = False) -> tuple[torch.Tensor, CallState, list[int]]:
+    def _tome_begin(self, x: torch.Tensor, force_source: bool = False):
+        """Embed the image and set up this call's state and schedule."""
         request = current_request()
         r = self.r if request is None or request.r is None else request.r
         schedule = parse_r(r, len(self.blocks))
@@ -42,13 +43,8 @@ class ToMeVisionTransformer(VisionTransformer):
     ) -> torch.Tensor:
         x, state, schedule = self._tome_begin(x)
         _check_masks(schedule, attn_mask, is_causal)
-        if not any(schedule):
-            x = self.blocks(x) if attn_mask is None and not is_causal else _masked(self, x, attn_mask, is_causal)
-            state.token_counts = [x.shape[1]] * len(self.blocks)
-            state.applied_r = [0] * len(self.blocks)
-        else:
-            for block, r in zip(self.blocks, schedule, strict=True):
-                x = block(x, state=state, r=r)
+        for block, r in zip(self.blocks, schedule, strict=True):
+            x = block(x, attn_mask, is_causal, state=state, r=r)
         x = self.norm(x)
         self._tome_finish(x, state)
         return x
@@ -77,7 +73,7 @@ class ToMeVisionTransformer(VisionTransformer):
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         taken = []
         for i, (block, r) in enumerate(zip(blocks, schedule, strict=False)):
-            x = block(x, state=state, r=r)
+            x = block(x, attn_mask, is_causal, state=state, r=r)
             if i in take:
                 y = self.norm(x) if norm else x
                 taken.append(y.gather(1, state.source[..., None].expand(-1, -1, y.shape[-1])))
@@ -116,13 +112,7 @@ class ToMeVisionTransformer(VisionTransformer):
 
 def _check_masks(schedule: list[int], attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if any(schedule) and (attn_mask is not None or is_causal):
-        raise ValueError("attention masks fix the token count, so they cannot be combined with merging (r > 0)")
-
-
-def _masked(model: VisionTransformer, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool):
-    for block in model.blocks:
-        x = block(x, attn_mask=attn_mask, is_causal=is_causal)
-    return x
+        raise ValueError("attention masks fix the token count, so they cannot be combined with merging")
 
 
 def _fill(info: MergeInfo, state: CallState, sizes: torch.Tensor) -> None:

@@ -27,8 +27,9 @@ def patch(model: nn.Module, *, prop_attn: bool = True) -> nn.Module:
     """
     problems = _problems(model)
     if problems:
-        raise UnsupportedModelError(f"{type(model).__name__} cannot be patched for token merging: "
-                                    + "; ".join(problems))
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be patched for token merging: " + "; ".join(problems)
+        )
     if not isinstance(model, ToMeVisionTransformer):
         for block in model.blocks:
             block.__class__ = ToMeBlock
@@ -40,8 +41,10 @@ def patch(model: nn.Module, *, prop_attn: bool = True) -> nn.Module:
 
 def _problems(model: nn.Module) -> list[str]:
     if not isinstance(model, VisionTransformer):
-        return ["only timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, MAE) are "
-                "supported; this is not one"]
+        return [
+            "only timm VisionTransformer models (ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, MAE) are "
+            "supported; this is not one"
+        ]
     problems = []
     for cls in type(model).__mro__:
         if cls is VisionTransformer or issubclass(cls, ToMeVisionTransformer):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from .merge import max_merge
 
-RSpec = int | Sequence[int] | tuple[int, float]
+RSpec = int | list[int] | tuple[int, float]
 """An int (same r in every layer), a list (one r per layer, padded with 0) or ``(r, inflection)``."""
 
 
@@ -21,9 +19,11 @@ def parse_r(r: RSpec, depth: int) -> list[int]:
         raise TypeError("r must be an int, a list of ints or a (r, inflection) tuple, not a bool")
     if isinstance(r, int):
         schedule = [r] * depth
-    elif isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float | int) and not isinstance(r[0], tuple):
+    elif isinstance(r, tuple):
+        if len(r) != 2:
+            raise TypeError(f"a tuple r must be (r, inflection), got {r!r}")
         schedule = _linear(int(r[0]), float(r[1]), depth)
-    elif isinstance(r, Sequence) and not isinstance(r, str):
+    elif isinstance(r, list):
         schedule = [int(v) for v in r]
         if len(schedule) > depth:
             raise ValueError(f"r lists {len(schedule)} layers but the model has {depth}")
@@ -45,7 +45,7 @@ def _linear(r: int, inflection: float, depth: int) -> list[int]:
     return [int(first + step * i) for i in range(depth)]
 
 
-def effective_schedule(num_tokens: int, schedule: Sequence[int], num_protected: int = 1) -> list[int]:
+def effective_schedule(num_tokens: int, schedule: list[int], num_protected: int = 1) -> list[int]:
     """The r each layer really applies, after capping at half of the tokens that may merge."""
     applied = []
     for r in schedule:

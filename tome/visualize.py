@@ -72,4 +72,4 @@ def visualize(
     if border:
         edge = _boundaries(pixel_labels)
         out[edge] = _palette(num_groups, seed)[pixel_labels[edge]]
-    return Image.fromarray(out.round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB")
+    return Image.fromarray(out.round().clamp(0, 255).to(torch.uint8).numpy())

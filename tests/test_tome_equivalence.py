@@ -1,0 +1,73 @@
+"""Patched models compute what the unpatched model (r=0) and the paper's algorithm (r>0) compute."""
+
+import copy
+
+import pytest
+import torch
+from reference_tome import reference_forward
+from tome_models import FAMILIES, images, make
+
+import tome
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_r0_matches_unpatched_model(family):
+    model = make(family)
+    reference = copy.deepcopy(model)
+    tome.patch(model)
+    x = images(model)
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=0)
+        with tome.merging(r=0) as info:
+            assert torch.allclose(model(x), expected, atol=1e-5, rtol=0)
+    assert info.token_counts == [info.input_tokens] * len(model.blocks)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("r", [3, (4, -1.0), [6, 0, 2]])
+def test_merging_matches_reference_algorithm(family, r):
+    model = make(family)
+    reference = copy.deepcopy(model)
+    tome.patch(model)
+    x = images(model)
+    schedule = tome.parse_r(r, len(model.blocks))
+    expected, counts, sources = reference_forward(reference, x, schedule)
+    with torch.no_grad(), tome.merging(r=r, trace_source=True) as info:
+        out = model(x)
+    assert info.token_counts == counts[0]
+    assert torch.equal(info.source, sources)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_without_proportional_attention_matches_reference():
+    model = make("mae_avg_pool")
+    reference = copy.deepcopy(model)
+    tome.patch(model, prop_attn=False)
+    x = images(model)
+    expected, _, _ = reference_forward(reference, x, [5] * 4, prop_attn=False)
+    with torch.no_grad(), tome.merging(r=5):
+        assert torch.allclose(model(x), expected, atol=1e-4, rtol=0)
+
+
+def test_merging_changes_the_output():
+    model = tome.patch(make("augreg_vit_p16"))
+    x = images(model)
+    with torch.no_grad():
+        plain = model(x)
+        with tome.merging(r=8):
+            merged = model(x)
+    assert not torch.allclose(plain, merged, atol=1e-3)
+
+
+def test_model_default_r_applies_without_a_context():
+    model = tome.patch(make("deit"))
+    x = images(model)
+    with torch.no_grad(), tome.merging(r=6) as info:
+        expected = model(x)
+    model.r = 6
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    with torch.no_grad(), tome.merging() as default_info:
+        model(x)
+    assert default_info.token_counts == info.token_counts
