@@ -142,7 +142,7 @@
     }
     const previous = ui.modelSelect.value;
     ui.modelSelect.replaceChildren(
-      ...state.models.map((m) => new Option(m.weights ? `${m.name} (${m.weights} weights)` : m.name, m.name)),
+      ...state.models.map((m) => new Option(m.name, m.name)),
     );
     if (state.models.some((m) => m.name === previous)) ui.modelSelect.value = previous;
     ui.modelSelect.disabled = false;
@@ -166,7 +166,8 @@
     const size = model.input_size ?? model.img_size;
     const facts = [
       size ? `input ${Array.isArray(size) ? size.slice(-2).join("×") : size}` : "",
-      model.device ? `device ${model.device}` : "",
+      model.weights ? `${model.weights} weights` : "",
+      model.device ? String(model.device) : "",
       model.dtype ? String(model.dtype) : "",
       `r ${rMin}–${rMax}`,
     ].filter(Boolean);
@@ -191,7 +192,7 @@
     const base = costAt(currentModel(), 0);
     const baseGflops = base && Number(base.gflops ?? base.gmacs);
     ui.gflops.textContent = gflops
-      ? `${formatNumber(gflops)} GFLOPs per image${baseGflops ? ` (r=0: ${formatNumber(baseGflops)})` : ""}`
+      ? `${formatGflops(gflops)}${baseGflops ? ` of ${formatGflops(baseGflops)}` : ""} GFLOPs per image`
       : "";
     ui.slider.setAttribute("aria-valuetext", speedup ? `r ${r}, expected speedup ${speedup.toFixed(2)} times` : `r ${r}`);
   }
@@ -244,6 +245,10 @@
     return Number(value).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
   }
 
+  function formatGflops(value) {
+    return value >= 10 ? value.toFixed(1) : value.toPrecision(2);
+  }
+
   function formatScore(score) {
     const percent = score * 100;
     if (percent >= 10) return `${percent.toFixed(1)}%`;
@@ -262,7 +267,7 @@
     ui.merge.alt = `Merge map of ${name} at r=${r}: patches merged into the same token share one colour`;
     ui.merge.hidden = false;
     ui.mergePlaceholder.hidden = true;
-    ui.mergeCaption.textContent = `Merge map at r=${r} (model input; patches of one token share a colour)`;
+    ui.mergeCaption.textContent = `Merge map at r=${r}: patches merged into one token share a colour`;
 
     const tokens = result.tokens || {};
     ui.tokens.textContent = `${tokens.input ?? "?"} → ${tokens.output ?? "?"}`;
