@@ -1,0 +1,107 @@
+"""The Grafana dashboard: loads as JSON, covers what an operator needs, every query parses as PromQL,
+uses the provisioned data source and only the server's contract metrics, and is split by r.
+(tests/test_deploy_live.py compares the same queries against a running server's /metrics.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GRAFANA = REPO / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "tome-serve.json"
+
+# Grafana's own variables, replaced by what Grafana would substitute, so that promtool can parse.
+GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "1m", "$__range": "1h", "$model": ".*", "$endpoint": ".*"}
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels() -> list[dict]:
+    return [panel for panel in dashboard()["panels"] if panel["type"] != "row"]
+
+
+def queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel."""
+    return [(panel["title"], target["expr"]) for panel in panels() for target in panel["targets"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\btome_[a-z_]+\b", expr))
+
+
+def test_dashboard_has_the_panels_an_operator_needs():
+    titles = " | ".join(panel["title"].lower() for panel in panels())
+    for needed in ("request rate", "p50 / p95 / p99", "queue wait", "batch size", "queue depth", "images/s"):
+        assert needed in titles, f"no panel for {needed}: {titles}"
+    assert dashboard()["uid"] == "tome-serve"
+
+
+def test_panel_ids_and_grid_positions_are_unique():
+    all_panels = dashboard()["panels"]
+    assert len({panel["id"] for panel in all_panels}) == len(all_panels)
+    cells = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in all_panels]
+    assert len(set(cells)) == len(cells), "two panels would overlap"
+
+
+def test_panels_use_the_provisioned_prometheus_data_source():
+    provisioned = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uid = provisioned["datasources"][0]["uid"]
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["current"]["value"] == uid
+    for panel in panels():
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_queries_use_contract_metrics_and_are_split_by_r():
+    from test_deploy_prometheus import CONTRACT_METRICS
+
+    for title, expr in queries():
+        names = metric_names(expr)
+        assert names, f"{title}: {expr} reads no tome metric"
+        for name in names:
+            assert re.sub(r"_(bucket|sum|count)$", "", name) in CONTRACT_METRICS, f"{title}: {name}"
+        if names == {"tome_model_info"}:
+            continue  # the model table: tome_model_info has no r label
+        for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
+            assert "r" in [label.strip() for label in grouping.split(",")], f"{title}: {expr} not split by r"
+        if "histogram_quantile" in expr:
+            assert re.search(r"by \(le, r\)", expr), f"{title}: quantile must keep le and r"
+
+
+def test_latency_panel_shows_p50_p95_p99():
+    (latency,) = [p for p in panels() if p["title"].startswith("Request latency")]
+    quantiles = {re.match(r"histogram_quantile\(([0-9.]+)", t["expr"]).group(1) for t in latency["targets"]}
+    assert quantiles == {"0.5", "0.95", "0.99"}
+    assert all("tome_request_duration_seconds_bucket" in t["expr"] for t in latency["targets"])
+
+
+def test_every_query_parses_as_promql(tmp_path):
+    """promtool parses each expression (as a recording rule) exactly as Prometheus would."""
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip(
+            "promtool not installed (Debian: apt-get install prometheus; scripts/test does it as root)"
+        )
+    rules = []
+    exprs = [expr for _, expr in queries()]
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":  # label_values(metric, label) lists one label of one metric
+            metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"]).groups()
+            exprs.append(f"group by ({label}) ({metric})")
+    for index, expr in enumerate(exprs):
+        for variable, value in GRAFANA_SUBSTITUTIONS.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{index}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,143 @@
+"""deploy/k8s: every manifest valid against the Kubernetes OpenAPI schemas (strict: unknown fields
+fail), and the resources wired to each other and to the server the way a rollout needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "deploy" / "k8s"
+MANIFESTS = sorted(K8S.rglob("*.yaml"))
+# Oldest Kubernetes minor the manifests must still apply to (autoscaling/v2 and policy/v1 are GA there),
+# and the newest the schema package knows.
+KUBERNETES_VERSIONS = ["1.29.0", None]
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def resource(kind: str, name: str = "tome-serve") -> dict:
+    for path in MANIFESTS:
+        for doc in documents(path):
+            if doc["kind"] == kind and doc["metadata"]["name"] == name:
+                return doc
+    raise AssertionError(f"no {kind}/{name} in deploy/k8s")
+
+
+def container() -> dict:
+    (main,) = resource("Deployment")["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def test_manifests_exist():
+    kinds = {doc["kind"] for path in MANIFESTS for doc in documents(path)}
+    expected = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"}
+    assert expected | {"ServiceMonitor"} <= kinds
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS, ids=lambda v: v or "latest")
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_matches_kubernetes_schema(path, version):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="part of the dev extra")
+    version = version or kubernetes_validate.latest_version()
+    for doc in documents(path):
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema ships for it; checked structurally below
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_rejects_a_misspelt_field():
+    """Guards the check above: strict schemas must catch an unknown field."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="part of the dev extra")
+    deployment = resource("Deployment")
+    container_spec = deployment["spec"]["template"]["spec"]["containers"][0]
+    container_spec["readinesProbe"] = container_spec.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_service_monitor_structure():
+    """ServiceMonitor is a Prometheus Operator CRD, so no Kubernetes schema covers it: check the fields the
+    operator needs, and that it selects the Service and names one of its ports."""
+    monitor = resource("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = resource("Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    port_names = {port["name"] for port in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+    assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+
+
+def test_services_select_the_deployment_pods_on_its_named_port():
+    pod_labels = resource("Deployment")["spec"]["template"]["metadata"]["labels"]
+    container_ports = {port["name"]: port["containerPort"] for port in container()["ports"]}
+    for name in ("tome-serve", "tome-serve-metrics"):
+        service = resource("Service", name)
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in container_ports
+    assert resource("Service", "tome-serve-metrics")["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_probes_use_readyz_for_readiness_and_healthz_for_liveness():
+    main = container()
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = main["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "model loading needs minutes"
+
+
+def test_graceful_shutdown_outlasts_drain_and_request_timeout():
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    timeout_s = int(resource("ConfigMap", "tome-serve-config")["data"]["TOME_REQUEST_TIMEOUT_MS"]) / 1000
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + timeout_s
+
+
+def test_resources_security_and_rollout():
+    main = container()
+    assert {"cpu", "memory"} <= set(main["resources"]["requests"])
+    assert "memory" in main["resources"]["limits"]
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001, "the image's USER"
+    assert resource("Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_configuration_comes_from_the_config_map_and_names_real_settings():
+    config_map = resource("ConfigMap", "tome-serve-config")
+    assert {"configMapRef": {"name": "tome-serve-config"}} in container()["envFrom"]
+    settings = {f"TOME_{name.upper()}" for name in Settings.model_fields}
+    tome_keys = {key for key in config_map["data"] if key.startswith("TOME_")}
+    assert tome_keys and tome_keys <= settings, sorted(tome_keys - settings)
+    assert all(isinstance(value, str) for value in config_map["data"].values())
+    env = {item["name"]: item for item in container()["env"]}
+    assert env["TOME_HOST"]["value"] == "0.0.0.0"
+    assert env["TOME_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_autoscaler_and_disruption_budget_target_the_deployment():
+    hpa = resource("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tome-serve",
+    }
+    assert hpa["spec"]["minReplicas"] >= 2, "one replica must stay up while another restarts"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    pdb = resource("PodDisruptionBudget")
+    pod_labels = resource("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()

@@ -1,0 +1,73 @@
+"""Prometheus configuration and rules, checked by promtool (Debian package `prometheus`; scripts/test
+installs it when it runs as root). Without promtool these tests skip and say so."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROMETHEUS = REPO / "deploy" / "prometheus"
+K8S_SCRAPE = REPO / "deploy" / "k8s" / "monitoring" / "prometheus-scrape.yml"
+
+CONTRACT_METRICS = {
+    "tome_request_duration_seconds",
+    "tome_queue_wait_seconds",
+    "tome_inference_seconds",
+    "tome_batch_size",
+    "tome_queue_depth",
+    "tome_requests_total",
+    "tome_images_total",
+    "tome_tokens_merged_total",
+    "tome_model_info",
+}
+
+
+def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess:
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip(
+            "promtool not installed (Debian: apt-get install prometheus; scripts/test does it as root)"
+        )
+    return subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("config", [PROMETHEUS / "prometheus.yml", K8S_SCRAPE], ids=["compose", "kubernetes"])
+def test_prometheus_config_is_valid(config):
+    result = promtool("check", "config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_are_valid():
+    result = promtool("check", "rules", "rules.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_unit_tests_pass():
+    """rules_test.yml feeds synthetic series and asserts when each alert fires (and when it must not)."""
+    result = promtool("test", "rules", "rules_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_unit_tests_can_fail(tmp_path):
+    """Guards the test above: a wrong expectation must make promtool fail."""
+    shutil.copy(PROMETHEUS / "rules.yml", tmp_path / "rules.yml")
+    broken = (PROMETHEUS / "rules_test.yml").read_text().replace("6.25%", "9%")
+    (tmp_path / "rules_test.yml").write_text(broken)
+    result = promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    assert result.returncode != 0
+
+
+def test_rules_use_only_contract_metrics():
+    groups = yaml.safe_load((PROMETHEUS / "rules.yml").read_text())["groups"]
+    import re
+
+    for group in groups:
+        for rule in group["rules"]:
+            for name in re.findall(r"\btome_[a-z_]+", rule["expr"]):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert base in CONTRACT_METRICS, f"{rule.get('record') or rule.get('alert')} uses {name}"
