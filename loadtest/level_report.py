@@ -105,8 +105,14 @@ def markdown_table(rows: list[LevelRow]) -> str:
     ]
     for row in rows:
         cells = [
-            str(row.users), f"{row.seconds:.0f}", str(row.requests), f"{row.answered_per_s:.1f}",
-            f"{row.p50_ms:.0f}", f"{row.p95_ms:.0f}", f"{row.p99_ms:.0f}", f"{row.shed_share:.1%}",
+            str(row.users),
+            f"{row.seconds:.0f}",
+            str(row.requests),
+            f"{row.answered_per_s:.1f}",
+            f"{row.p50_ms:.0f}",
+            f"{row.p95_ms:.0f}",
+            f"{row.p99_ms:.0f}",
+            f"{row.shed_share:.1%}",
             str(row.failures),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -66,8 +66,9 @@ class TomeUser(FastHttpUser):
 
     def _usable_r_values(self) -> list[int]:
         """The configured r mix, limited to the range the model accepts (GET /models)."""
-        with self.client.get("/models", headers=self.headers, name="setup: GET /models",
-                             catch_response=True) as resp:
+        with self.client.get(
+            "/models", headers=self.headers, name="setup: GET /models", catch_response=True
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"GET /models answered {resp.status_code}")
                 return list(R_VALUES)
@@ -94,8 +95,14 @@ class TomeUser(FastHttpUser):
         params = f"?r={r}" + (f"&model={MODEL}" if MODEL else "")
         name = f"{endpoint} r={r}"
         headers = {**self.headers, "Content-Type": content_type}
-        with self.client.post(endpoint + params, data=body, headers=headers, name=name,
-                              catch_response=True, context={MEASURED: True}) as resp:
+        with self.client.post(
+            endpoint + params,
+            data=body,
+            headers=headers,
+            name=name,
+            catch_response=True,
+            context={MEASURED: True},
+        ) as resp:
             if resp.status_code == 429:
                 resp.request_meta["name"] = name + SHED_SUFFIX
                 resp.success()
@@ -146,8 +153,13 @@ def _attach_level_report(environment: Environment, runner: Runner | None = None,
         return
     recorder = LevelRecorder(lambda: runner.user_count)
 
-    def on_request(name: str, response_time: float, exception: BaseException | None = None,
-                   context: dict[str, Any] | None = None, **_: Any) -> None:
+    def on_request(
+        name: str,
+        response_time: float,
+        exception: BaseException | None = None,
+        context: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
         if context and context.get(MEASURED):
             recorder.record(_outcome(name, exception), response_time)
 
