@@ -1,0 +1,95 @@
+"""The FastAPI application: wiring of settings, service, middleware and routes, and the lifespan.
+
+Start-up loads the models in the background so /healthz answers at once and /readyz turns 200
+only when every model is loaded, patched and warmed. A failed start calls ``on_fatal`` (by default
+the process sends itself SIGTERM) so the server exits instead of idling unready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI
+
+from . import probes, routes
+from .auth import BearerAuthMiddleware
+from .config import Settings
+from .errors import ApiError, ClientDisconnected, api_error_handler, disconnected_handler
+from .loading import StartupError, load_model
+from .metrics import Metrics
+from .middleware import RequestMetricsMiddleware
+from .service import InferenceService, Loader
+
+log = logging.getLogger(__name__)
+
+FatalHandler = Callable[[str], None]
+
+
+def _terminate_self(message: str) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    loader: Loader = load_model,
+    on_fatal: FatalHandler = _terminate_self,
+) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = InferenceService(settings, metrics, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(_start(service, on_fatal))
+        try:
+            yield
+        finally:
+            service.begin_draining()
+            starting.cancel()
+            with suppress(asyncio.CancelledError):
+                await starting
+            await service.stop()
+
+    app = FastAPI(
+        title="tome-serve",
+        summary="Vision Transformer inference accelerated with Token Merging (ToMe)",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = service
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(ClientDisconnected, disconnected_handler)
+    app.include_router(routes.router)
+    app.include_router(probes.router)
+    _include_demo(app)
+    if settings.api_key is not None:
+        app.add_middleware(BearerAuthMiddleware, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: also counts 401s
+    return app
+
+
+async def _start(service: InferenceService, on_fatal: FatalHandler) -> None:
+    try:
+        await service.start()
+    except StartupError as exc:
+        log.critical("start-up failed: %s", exc)
+        on_fatal(str(exc))
+    except Exception as exc:  # anything else unexpected must not leave a half-started server running
+        log.critical("start-up failed", exc_info=True)
+        on_fatal(f"{type(exc).__name__}: {exc}")
+
+
+def _include_demo(app: FastAPI) -> None:
+    try:
+        from .demo import router as demo_router
+    except ImportError:  # the demo page is optional
+        return
+    app.include_router(demo_router)

@@ -1,0 +1,39 @@
+"""Optional bearer-key authentication for every path except the probes and the metrics.
+
+It is ASGI middleware rather than a route dependency so that nothing can be added later (docs,
+static files, new routes) without being covered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class BearerAuthMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key_digest = hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # Comparing digests keeps the comparison constant-time and independent of the key's length.
+        given = hashlib.sha256(token.strip()).digest()
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given, self._key_digest)

@@ -1,0 +1,74 @@
+"""Typed response bodies (they also make the OpenAPI document at /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="Class index in the model's output")
+    label: str = Field(description="Class name (ImageNet-1k names for ImageNet classifiers)")
+    score: float = Field(description="Softmax probability")
+
+
+class Tokens(BaseModel):
+    input: int = Field(description="Tokens entering the first block (prefix tokens included)")
+    output: int = Field(description="Tokens left after the last block")
+    per_layer: list[int] = Field(description="Tokens left after each block")
+
+
+class Timing(BaseModel):
+    queue: float = Field(description="Milliseconds waiting in the (model, r) queue")
+    inference: float = Field(description="Milliseconds of the batch's forward pass")
+    total: float = Field(description="Milliseconds from the request's arrival to the response")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    weights: str = Field(description="Where the weights came from: 'pretrained', 'random' or a file path")
+    r: int = Field(description="Tokens merged per block (capped per block at half the mergeable tokens)")
+    predictions: list[Prediction]
+    tokens: Tokens
+    batch_size: int = Field(description="Images in the batch this request was computed in")
+    timing_ms: Timing
+    request_id: str
+
+
+class RCostInfo(BaseModel):
+    r: int
+    gflops: float = Field(description="Analytical GMACs per image, the unit the ToMe paper calls FLOPs")
+    speedup: float = Field(description="gflops at r=0 divided by gflops at this r")
+    output_tokens: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool = Field(description="Used when a request names no model")
+    weights: str
+    device: str
+    dtype: str
+    r_min: int
+    r_max: int = Field(description="Largest r accepted: beyond it merging cannot remove more tokens, "
+                                   "or TOME_MAX_R when that is lower")
+    default_r: int
+    input_size: list[int] = Field(description="[channels, height, width] of the model input")
+    patch_size: list[int]
+    input_tokens: int
+    depth: int
+    num_classes: int = Field(description="0 for a backbone without classifier head (/classify refused)")
+    notes: list[str]
+    costs: list[RCostInfo] = Field(description="Analytical cost of every r from r_min to r_max")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    request_id: str | None = None
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None
