@@ -11,21 +11,24 @@ from .state import CallState
 
 
 def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's Attention forward with an additive bias, returning the output and the keys [B, H, N, D].
+    """timm's Attention forward with an additive bias; returns the output and the keys averaged over
+    heads [B, N, D], the similarity metric for merging.
 
     It always uses the fused kernel; with ``bias=None`` that is the unmasked kernel.
     """
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.unbind(2)  # [B, N, H, D]: averaging keys over heads reads contiguous memory
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, dropout_p=dropout
+    )
     out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=2)
 
 
 class ToMeBlock(Block):
@@ -50,10 +53,10 @@ class ToMeBlock(Block):
         if r == 0 and bias is None:
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         else:
-            out, keys = attend(self.attn, self.norm1(x), bias)
+            out, metric = attend(self.attn, self.norm1(x), bias)
             x = x + self.drop_path1(self.ls1(out))
             if r > 0:
-                x = state.merge(x, keys.mean(dim=1), r)
+                x = state.merge(x, metric, r)
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         state.record(num_tokens, x)
         return x

@@ -23,17 +23,10 @@ import torch.nn.functional as F
 class Match:
     """The outcome of one matching step, applicable to features, sizes and sources alike."""
 
-    merge: Callable[..., torch.Tensor]
-    """``merge(x, mode="sum")`` reduces ``x`` [B, N, C] to [B, N - r, C]."""
-    new_index: torch.Tensor
-    """[B, N] LongTensor: the position each old token occupies (or was merged into) after the merge."""
-
-
-def _partition(num_tokens: int, num_protected: int, device: torch.device):
-    """Positions of the A and B tokens: alternating, protected tokens in neither."""
-    positions = torch.arange(num_protected, num_tokens, device=device)
-    is_a = positions % 2 == 0
-    return positions[is_a], positions[~is_a]
+    merge: Callable[[torch.Tensor], torch.Tensor]
+    """``merge(x)`` sums ``x`` [B, N, C] over the tokens that merge, giving [B, N - r, C]."""
+    follow: Callable[[torch.Tensor], torch.Tensor]
+    """``follow(index)`` maps token positions [B, M] before the merge to positions after it."""
 
 
 def max_merge(num_tokens: int, num_protected: int) -> int:
@@ -50,49 +43,66 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int) ->
     batch, num_tokens, _ = metric.shape
     r = min(r, max_merge(num_tokens, num_protected))
     device = metric.device
-    a_pos, b_pos = _partition(num_tokens, num_protected, device)
+    first_a = num_protected + num_protected % 2  # A holds the even positions
+    first_b = num_protected + 1 - num_protected % 2
 
     with torch.no_grad():
         unit = F.normalize(metric, dim=-1)
-        scores = unit[:, a_pos] @ unit[:, b_pos].transpose(-1, -2)
+        scores = unit[:, first_a::2] @ unit[:, first_b::2].transpose(-1, -2)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
         src = order[:, :r]  # indices into A
         kept = order[:, r:].sort(dim=-1).values  # unmerged A, back in sequence order
         dst = best_b.gather(-1, src)  # indices into B
 
-    kept_pos = a_pos[kept]  # [B, n_kept] positions in the full sequence
-    src_pos = a_pos[src]
-    num_kept = kept.shape[1]
-
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        channels = x.shape[-1]
-        prefix = x[:, :num_protected]
-        unmerged = x.gather(1, kept_pos.unsqueeze(-1).expand(-1, -1, channels))
-        merged_src = x.gather(1, src_pos.unsqueeze(-1).expand(-1, -1, channels))
-        targets = x[:, b_pos].scatter_reduce(
-            1, dst.unsqueeze(-1).expand(-1, -1, channels), merged_src, reduce=mode
-        )
-        return torch.cat([prefix, unmerged, targets], dim=1)
-
-    new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    new_index[:, :num_protected] = torch.arange(num_protected, device=device)
-    new_index.scatter_(
-        1, kept_pos, torch.arange(num_protected, num_protected + num_kept, device=device).expand(batch, -1)
+    num_kept, num_b = kept.shape[1], scores.shape[2]
+    b_start = num_protected + num_kept
+    num_out = b_start + num_b
+    offsets = torch.arange(batch, device=device)[:, None]
+    # Rows of the flattened [B * N, C] input that survive, in output order: prefix, kept A, all of B.
+    survivors = torch.cat(
+        [
+            torch.arange(num_protected, device=device).expand(batch, -1),
+            first_a + 2 * kept,
+            torch.arange(first_b, num_tokens, 2, device=device).expand(batch, -1),
+        ],
+        dim=1,
     )
-    b_new = num_protected + num_kept
-    new_index[:, b_pos] = torch.arange(b_new, b_new + b_pos.numel(), device=device)
-    new_index.scatter_(1, src_pos, b_new + dst)
-    return Match(merge=merge, new_index=new_index)
+    survivor_rows = (survivors + offsets * num_tokens).view(-1)
+    src_rows = (first_a + 2 * src + offsets * num_tokens).view(-1)
+    dst_rows = (b_start + dst + offsets * num_out).view(-1)
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        # index_select copies whole rows and index_add_ touches only r rows per image: both far
+        # cheaper on CPU than a scatter over every token.
+        rows = x.reshape(batch * num_tokens, x.shape[-1])
+        out = rows.index_select(0, survivor_rows)
+        out.index_add_(0, dst_rows, rows.index_select(0, src_rows))
+        return out.view(batch, num_out, x.shape[-1])
+
+    def follow(index: torch.Tensor) -> torch.Tensor:
+        new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        new_index.scatter_(1, survivors, torch.arange(num_out, device=device).expand(batch, -1))
+        new_index[:, first_a::2].scatter_(1, src, b_start + dst)
+        return new_index.gather(1, index)
+
+    return Match(merge=merge, follow=follow)
 
 
-def merge_weighted(match: Match, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of merged tokens. ``size`` is [B, N, 1]; returns new ``x`` and ``size``."""
-    x = match.merge(x * size, mode="sum")
-    size = match.merge(size, mode="sum")
-    return x / size, size
+def merge_weighted(
+    match: Match, x: torch.Tensor, size: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of merged tokens. ``size`` is [B, N, 1], or None when every size is 1.
+
+    Returns the merged ``x`` and the new sizes.
+    """
+    if size is None:
+        new_size = match.merge(x.new_ones(x.shape[0], x.shape[1], 1))
+        return match.merge(x) / new_size, new_size
+    new_size = match.merge(size)
+    return match.merge(x * size) / new_size, new_size
 
 
 def merge_source(match: Match, source: torch.Tensor) -> torch.Tensor:
     """Follow each input token (``source`` [B, N_in] -> current index) through this merge."""
-    return match.new_index.gather(1, source)
+    return match.follow(source)

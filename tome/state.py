@@ -41,8 +41,7 @@ class CallState:
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> torch.Tensor:
         match = bipartite_soft_matching(metric, r, self.num_protected)
-        size = self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-        x, self.size = merge_weighted(match, x, size)
+        x, self.size = merge_weighted(match, x, self.size)
         if self.source is not None:
             self.source = merge_source(match, self.source)
         return x
