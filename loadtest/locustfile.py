@@ -73,11 +73,11 @@ class TomeUser(FastHttpUser):
                 resp.failure(f"GET /models answered {resp.status_code}")
                 return list(R_VALUES)
             entry = _model_entry(resp.json(), MODEL)
-        if entry is None:
-            return list(R_VALUES)
-        r_min, r_max = int(entry.get("r_min", 0)), int(entry.get("r_max", max(R_VALUES)))
-        usable = [r for r in R_VALUES if r_min <= r <= r_max]
-        return usable or [r_min]
+            if entry is None:
+                resp.failure(f"GET /models lists no model {MODEL!r}")
+                return list(R_VALUES)
+        usable = [r for r in R_VALUES if entry["r_min"] <= r <= entry["r_max"]]
+        return usable or [entry["default_r"]]
 
     @task(9)
     def classify(self) -> None:
@@ -116,14 +116,12 @@ class TomeUser(FastHttpUser):
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
 
 
-def _model_entry(payload: Any, name: str | None) -> dict[str, Any] | None:
-    """The entry of ``name`` (or the default, first model) in a /models answer."""
-    models = payload.get("models", []) if isinstance(payload, dict) else payload
-    if not isinstance(models, list) or not models:
-        return None
-    if name is None:
-        return models[0]
-    return next((m for m in models if m.get("name") == name), None)
+def _model_entry(payload: dict[str, Any], name: str | None) -> dict[str, Any] | None:
+    """The entry of model ``name``, or of the server's default model, in a GET /models answer."""
+    for model in payload["models"]:
+        if model["name"] == name or (name is None and model["default"]):
+            return model
+    return None
 
 
 def _classify_problem(resp: Any) -> str | None:

@@ -1,9 +1,9 @@
 """A load shape that adds users in steps, to find where a server saturates.
 
 Each step holds a user count for ``LOADTEST_STEP_SECONDS`` (default 20) and then adds
-``LOADTEST_STEP_USERS`` (default 4), up to Locust's ``--users``. The test ends at ``--run-time`` or,
-without it, after the top step has been held once. Saturation shows as the step from which answered
-requests per second stop growing while latency and the 429 share climb.
+``LOADTEST_STEP_USERS`` (default 4), up to Locust's ``--users``. The test ends once the top step has
+been held for a step's time, or at ``--run-time`` if that comes first. Saturation shows as the step
+from which answered requests per second stop growing while latency and the 429 share climb.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class StepLoadShape(LoadTestShape):
         max_users = max(1, options.num_users or self.step_users)
         run_time = self.get_run_time()
         steps_to_top = -(-max_users // self.step_users)
-        time_limit = options.run_time or steps_to_top * self.step_seconds
+        time_limit = steps_to_top * self.step_seconds
+        if options.run_time:
+            time_limit = min(time_limit, options.run_time)
         if run_time >= time_limit:
             return None
         step = int(run_time // self.step_seconds) + 1
