@@ -107,3 +107,18 @@ def test_visualize_from_a_real_merge():
     assert picture.size == (56 * 3, 56 * 3)
     with pytest.raises(ValueError, match="patch grid"):
         tome.visualize(x[0].sigmoid(), info.source[0][:5], 14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_merge_with_exact_sizes(dtype):
+    model = tome.patch(make("dinov2_registers"))
+    x = images(model)
+    with torch.no_grad(), tome.merging(r=6) as info:
+        expected = model(x)
+        half = copy.deepcopy(model).to(dtype)
+        with tome.merging(r=6) as half_info:
+            out = half(x.to(dtype))
+    assert out.dtype == dtype
+    assert half_info.token_counts == info.token_counts
+    assert half_info.sizes.dtype == torch.float32 and torch.equal(half_info.sizes, info.sizes)
+    assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.05)

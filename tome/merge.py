@@ -92,15 +92,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int) ->
 def merge_weighted(
     match: Match, x: torch.Tensor, size: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of merged tokens. ``size`` is [B, N, 1], or None when every size is 1.
+    """Size-weighted average of merged tokens; returns the merged ``x`` and the new sizes.
 
-    Returns the merged ``x`` and the new sizes.
+    ``size`` is [B, N, 1] float32, or None while every size is 1. Sizes stay float32 whatever the
+    dtype of ``x``: bfloat16 cannot count past 256 exactly.
     """
     if size is None:
-        new_size = match.merge(x.new_ones(x.shape[0], x.shape[1], 1))
-        return match.merge(x) / new_size, new_size
+        new_size = match.merge(torch.ones(*x.shape[:2], 1, device=x.device))
+        return match.merge(x) / new_size.to(x.dtype), new_size
     new_size = match.merge(size)
-    return match.merge(x * size) / new_size, new_size
+    return match.merge(x * size.to(x.dtype)) / new_size.to(x.dtype), new_size
 
 
 def merge_source(match: Match, source: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ class CallState:
     prop_attn: bool
     input_tokens: int
     size: torch.Tensor | None = None
-    """[B, N, 1] token sizes; None while no token has been merged (all sizes are 1)."""
+    """[B, N, 1] float32 token sizes; None while no token has been merged (all sizes are 1)."""
     source: torch.Tensor | None = None
     """[B, N_in] current index of every input token; None unless traced."""
     applied_r: list[int] = field(default_factory=list)
@@ -52,5 +52,5 @@ class CallState:
 
     def final_sizes(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is None:
-            return x.new_ones(x.shape[0], x.shape[1])
+            return torch.ones(x.shape[0], x.shape[1], device=x.device)
         return self.size[..., 0]
