@@ -1,0 +1,210 @@
+"""tome-eval end to end on generated folders with a tiny ViT: outputs, numbers, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from evalutil import (
+    BASES,
+    NUM_CLASSES,
+    give_colour_classifier,
+    labelled_solid_folder,
+    model_args,
+    pattern_image,
+    solid_image,
+    solid_tensor,
+    tiny_model,
+    write_weights,
+)
+from PIL import Image
+
+import tome
+from tome.eval.cli import main
+
+R_VALUES = [0, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def colour_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    model = tiny_model()
+    give_colour_classifier(model)
+    return model, write_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors", model)
+
+
+def run_eval(args: list[str]) -> int:
+    return main(args)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def expected_hits(model: torch.nn.Module, files: dict, r: int, k: int) -> int:
+    """Hand count: run the model on hand-built inputs for each one-colour image."""
+    inputs = torch.stack([solid_tensor(model, colour) for _, colour in files.values()])
+    labels = torch.tensor([label for label, _ in files.values()])
+    with torch.inference_mode(), tome.merging(r=r):
+        logits = model(inputs)
+    return int((logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
+
+
+def test_labelled_folder_outputs_and_accuracy_match_hand_count(tmp_path, colour_model):
+    model, weights = colour_model
+    files = labelled_solid_folder(tmp_path / "data")
+    (tmp_path / "data" / "2" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (tmp_path / "data" / "2" / "notes.txt").write_text("not an image either")
+    out = tmp_path / "out"
+
+    code = run_eval([str(tmp_path / "data"), *model_args(weights), "--r", "4,2", "--out", str(out)])
+
+    assert code == 0
+    rows = read_csv(out / "sweep.csv")
+    assert [int(row["r"]) for row in rows] == R_VALUES  # r=0 added, sorted
+    document = json.loads((out / "sweep.json").read_text())
+    assert document["info"]["unreadable"] == 1
+    assert document["info"]["unreadable_files"][0].endswith("broken.jpg")
+    assert document["info"]["ignored_files"] == 1
+    assert document["info"]["images"] == len(files)
+    for row, record in zip(rows, document["rows"], strict=True):
+        r = int(row["r"])
+        top1, top5 = expected_hits(model, files, r, 1), expected_hits(model, files, r, 5)
+        assert record["top1"] == pytest.approx(top1 / len(files))
+        assert float(row["top5"]) == pytest.approx(top5 / len(files))
+        assert record["gmacs"] == pytest.approx(tome.flops(model, r))
+        assert record["images_per_second"] > 0 and record["speedup"] > 0
+    assert 0 < document["rows"][0]["top1"] < 1, "the misfiled images should make accuracy non-trivial"
+    assert document["rows"][0]["agreement"] == 1.0
+    assert document["rows"][0]["speedup"] == 1.0
+    assert document["rows"][0]["top1_drop"] == 0.0
+    assert document["rows"][-1]["tokens_out"] < document["rows"][0]["tokens_out"]
+    per_image = read_csv(out / "sweep_images.csv")
+    assert len(per_image) == len(files)
+    assert {row["file"] for row in per_image} == {str(p) for p in files}
+    with Image.open(out / "sweep.png") as plot:
+        assert plot.format == "PNG" and plot.width > 300
+
+
+def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_model):
+    _, weights = colour_model
+    for i in range(5):
+        pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i % len(BASES)], seed=i)
+    out = tmp_path / "out"
+
+    assert run_eval([str(tmp_path / "photos"), *model_args(weights), "--r", "2,4", "--out", str(out)]) == 0
+
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [row["top1"] for row in rows] == [None, None, None]
+    assert rows[0]["agreement"] == 1.0
+    assert all(0 <= row["agreement"] <= 1 for row in rows)
+    assert all(-1 <= row["cosine_mean"] <= 1.0001 for row in rows)
+    assert read_csv(out / "sweep.csv")[1]["top1"] == ""
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_backbone_has_no_agreement_and_a_headless_file_loads(tmp_path, capsys):
+    backbone = tiny_model(num_classes=0)
+    weights = write_weights(tmp_path / "backbone.safetensors", backbone)
+    for i in range(3):
+        pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i], seed=i)
+    out = tmp_path / "out"
+
+    assert run_eval([str(tmp_path / "photos"), *model_args(weights, num_classes=0), "--out", str(out)]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [row["r"] for row in rows] == [0, 4, 8]  # the defaults the 64-pixel model allows
+    assert all(row["agreement"] is None for row in rows)
+    assert rows[0]["cosine_mean"] == pytest.approx(1.0)
+    assert rows[-1]["cosine_mean"] < 1.0
+
+    # The same backbone weights into a model with a classifier: loads, with the head reported random.
+    assert run_eval([str(tmp_path / "photos"), *model_args(weights), "--out", str(out)]) == 0
+    info = json.loads((out / "sweep.json").read_text())["info"]
+    assert info["head"].startswith("random")
+    assert "head.weight" in capsys.readouterr().err
+
+
+def test_speed_only_without_a_folder(tmp_path, colour_model):
+    _, weights = colour_model
+    out = tmp_path / "out"
+    assert run_eval([*model_args(weights), "--r", "4", "--out", str(out), "--no-plot"]) == 0
+    rows = read_csv(out / "sweep.csv")
+    assert [row["r"] for row in rows] == ["0", "4"]
+    assert float(rows[1]["images_per_second"]) > 0 and rows[1]["agreement"] == ""
+    assert not (out / "sweep.png").exists()
+
+
+def expect_usage_error(args: list[str], capsys, *fragments: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_r_out_of_range_is_a_usage_error(tmp_path, capsys, colour_model):
+    _, weights = colour_model
+    labelled_solid_folder(tmp_path / "data")
+    expect_usage_error([str(tmp_path / "data"), *model_args(weights), "--r", "9"], capsys,
+                       "r=9 is out of range", "0..8")
+    expect_usage_error([str(tmp_path / "data"), *model_args(weights), "--r", "-2"], capsys,
+                       "must not be negative")
+    expect_usage_error([str(tmp_path / "data"), *model_args(weights), "--r", "four"], capsys,
+                       "comma-separated integers")
+
+
+def test_empty_folder_is_a_usage_error(tmp_path, capsys, colour_model):
+    _, weights = colour_model
+    (tmp_path / "empty").mkdir()
+    expect_usage_error([str(tmp_path / "empty"), *model_args(weights)], capsys, "no images found")
+    expect_usage_error([str(tmp_path / "missing"), *model_args(weights)], capsys, "is not a folder")
+
+
+def test_unknown_class_folder_is_a_usage_error(tmp_path, capsys, colour_model):
+    _, weights = colour_model
+    labelled_solid_folder(tmp_path / "data")
+    solid_image(tmp_path / "data" / "cats" / "a.png", BASES[0])
+    expect_usage_error([str(tmp_path / "data"), *model_args(weights)], capsys,
+                       "'cats' is neither a WordNet id", "--unlabelled")
+    solid_image(tmp_path / "wn" / "n01440764" / "a.png", BASES[0])
+    expect_usage_error([str(tmp_path / "wn"), *model_args(weights)], capsys,
+                       "are not an ImageNet label set")
+    solid_image(tmp_path / "big" / str(NUM_CLASSES) / "a.png", BASES[0])
+    expect_usage_error([str(tmp_path / "big"), *model_args(weights)], capsys, "out of range", "0..7")
+
+
+def test_only_unreadable_files_is_a_usage_error(tmp_path, capsys, colour_model):
+    _, weights = colour_model
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"garbage")
+    (tmp_path / "bad" / "b.jpg").write_bytes(b"")
+    expect_usage_error([str(tmp_path / "bad"), *model_args(weights)], capsys,
+                       "none of the 2 images could be decoded", "skipped 2 unreadable")
+
+
+def test_bad_weights_and_options_are_usage_errors(tmp_path, capsys, colour_model):
+    _, weights = colour_model
+    labelled_solid_folder(tmp_path / "data")
+    folder = str(tmp_path / "data")
+    expect_usage_error([folder, *model_args(tmp_path / "nope.pth")], capsys, "does not exist")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    expect_usage_error([folder, *model_args(tmp_path / "junk.pth")], capsys, "cannot read weights")
+    expect_usage_error([folder, *model_args(weights), "--model-kwargs", "{depth: 4"], capsys,
+                       "not valid JSON")
+    wrong = write_weights(tmp_path / "wide.safetensors", tiny_model(num_classes=3))
+    expect_usage_error([folder, *model_args(wrong)], capsys, "does not fit this model")
+    expect_usage_error([folder, "--model", "resnet18", "--weights", "random", "--workers", "0"], capsys,
+                       "cannot be patched")
+
+
+def test_module_entry_point_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tome.eval", "--help"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0
+    assert "--combos" in result.stdout and "labels.tsv" in result.stdout

@@ -1,0 +1,281 @@
+"""``tome-eval``: accuracy, agreement and feature drift against speed for a list of r, on an image folder.
+
+``tome-eval --combos`` stacks ToMe with torch.compile, autocast and int8 and prints speedup matrices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm.data
+import torch
+import torch._dynamo
+import torch.nn as nn
+
+from . import combine, report, sweep
+from .data import ImageFiles, LabelSpace, Listing, list_images
+from .errors import EvalInputError
+from .runner import evaluate, seconds_per_batch, timing_batch
+from .weights import LoadedModel, build_model
+
+DEFAULT_R = (0, 4, 8, 12, 16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tome-eval",
+        description="Evaluate a timm ViT with Token Merging for several r: accuracy (labelled folder), "
+                    "top-1 agreement and feature cosine against r=0 (any folder), speed and GMACs.",
+    )
+    p.add_argument("folder", nargs="?", type=Path,
+                   help="image folder: WordNet-id or class-index subfolders, a labels.tsv (file<TAB>class), "
+                        "or just images (unlabelled). Without it only speed and GMACs are measured.")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default: %(default)s)")
+    p.add_argument("--weights", default="pretrained",
+                   help="'pretrained' (model hub), 'random', or a .safetensors / torch state_dict file")
+    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help='extra timm.create_model arguments, e.g. \'{"img_size": 224}\'')
+    p.add_argument("--r", type=_r_list, default=None, metavar="LIST",
+                   help=f"comma-separated r values; r=0 is always added (default: {_join(DEFAULT_R)}, "
+                        "those the model allows)")
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--workers", type=_non_negative, default=2,
+                   help="decoding processes; 0 decodes in a background thread (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N images")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="ignore labels: take every image below the folder (agreement and cosine only)")
+    p.add_argument("--timing-rounds", type=_non_negative, default=10,
+                   help="interleaved timing rounds of one batch per r; 0 skips timing (default: %(default)s)")
+    p.add_argument("--combos", nargs="?", const="", default=None, metavar="LIST",
+                   help="benchmark ToMe stacked with optimisations instead: comma-separated rows, each "
+                        "a '+'-joined set of compile, bf16, fp16, int8 (default: compile,bf16,int8 on "
+                        "CPU; compile,fp16,bf16,compile+fp16 on CUDA)")
+    p.add_argument("--out", type=Path, default=Path("tome-eval-out"),
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: %(default)s)")
+    return p
+
+
+def _join(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 4}'")
+    return value
+
+
+def _r_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one r")
+    negative = [v for v in values if v < 0]
+    if negative:
+        raise argparse.ArgumentTypeError(f"r must not be negative, got {negative[0]}")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EvalInputError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return 2  # unreachable: parser.exit raises SystemExit
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    loaded = build_model(args.model, args.weights, args.model_kwargs, args.seed)
+    model = loaded.model.to(device)
+    if loaded.missing_head_keys:
+        say(f"note: {args.weights} has no classifier head ({', '.join(loaded.missing_head_keys)}): the head "
+            "is random, so accuracy is meaningless; agreement compares arg-maxes of a random projection")
+    requested = args.r or [r for r in DEFAULT_R if r <= sweep.largest_r(model)]
+    r_values = sweep.check_r_values(requested, model, args.model)
+    listing = _listing(args, model) if args.folder else None
+    dataset = ImageFiles(listing.samples, _transform(model)) if listing else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.combos is not None:
+        return _run_combos(args, loaded, model, device, r_values, listing, dataset)
+    return _run_sweep(args, loaded, model, device, r_values, listing, dataset)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _transform(model: nn.Module) -> Any:
+    # The model's own eval preprocessing, at the input size it was built with (which --model-kwargs
+    # may have changed from the pretrained config's).
+    size = (3, *model.patch_embed.img_size)
+    config = timm.data.resolve_data_config({"input_size": size}, model=model)
+    return timm.data.create_transform(**config)
+
+
+def _listing(args: argparse.Namespace, model: nn.Module) -> Listing:
+    subset = timm.data.infer_imagenet_subset(model)
+    wordnet_ids = timm.data.ImageNetInfo(subset).label_names() if subset else None
+    listing = list_images(args.folder, LabelSpace(model.num_classes, wordnet_ids), args.unlabelled)
+    if args.limit:
+        listing = Listing(listing.samples[: args.limit], listing.layout, listing.ignored)
+    ignored = f"; {listing.ignored} non-image files ignored" if listing.ignored else ""
+    say(f"{len(listing.samples)} images in {args.folder} ({listing.layout}{ignored})")
+    if listing.labelled and not model.num_classes:
+        say("note: the model has no classifier (num_classes=0): labels are not used; cosine is the measure")
+    return listing
+
+
+def _sample_images(dataset: ImageFiles | None, count: int) -> torch.Tensor | None:
+    """Up to ``count`` decoded images from the folder, for the timing batch."""
+    if dataset is None:
+        return None
+    images = []
+    for i in range(len(dataset)):
+        image = dataset[i][0]
+        if image is not None:
+            images.append(image)
+        if len(images) == count:
+            break
+    return torch.stack(images) if images else None
+
+
+def _timing_images(args: argparse.Namespace, model: nn.Module, dataset: ImageFiles | None) -> torch.Tensor:
+    shape = (3, *model.patch_embed.img_size)
+    return timing_batch(_sample_images(dataset, args.batch_size), args.batch_size, shape)
+
+
+def _unreadable_paths(listing: Listing | None, positions: list[int]) -> list[str]:
+    if listing is None:
+        return []
+    paths = [str(listing.samples[i].path) for i in positions]
+    if paths:
+        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        say(f"skipped {len(paths)} unreadable file(s): {shown}")
+    return paths
+
+
+def _check_any_readable(listing: Listing | None, unreadable: list[str]) -> None:
+    if listing is not None and len(unreadable) == len(listing.samples):
+        raise EvalInputError(f"none of the {len(unreadable)} images could be decoded")
+
+
+def _run_sweep(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:
+    folder = None
+    if dataset is not None:
+        folder = evaluate(sweep.sweep_variants(model, r_values), 0, dataset, args.batch_size, args.workers,
+                          device, progress=not args.no_progress)
+    unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
+    _check_any_readable(listing, unreadable)
+    seconds = None
+    if args.timing_rounds:
+        images = _timing_images(args, model, dataset)
+        seconds = seconds_per_batch(sweep.sweep_variants(model, r_values), images, args.timing_rounds, device,
+                                    progress=not args.no_progress)
+    rows = sweep.rows_for(model, r_values, seconds, args.batch_size, folder)
+    info = sweep.run_info(args.model, loaded.weights, loaded.head_is_random, device, listing, unreadable,
+                          batch_size=args.batch_size, timing_rounds=args.timing_rounds,
+                          has_classifier=bool(model.num_classes))
+    print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
+    print(report.sweep_table(rows))
+    records = [row.flat() for row in rows]
+    report.write_csv(args.out / "sweep.csv", records)
+    report.write_json(args.out / "sweep.json", {"info": info, "rows": records})
+    written = ["sweep.csv", "sweep.json"]
+    if folder is not None:
+        report.write_per_image(args.out / "sweep_images.csv", folder.per_image, listing.samples,
+                               lambda r: f"r={r}")
+        written.append("sweep_images.csv")
+    if not args.no_plot:
+        title = f"{args.model}, {info['images']} images" if listing else args.model
+        if report.plot_sweep(args.out / "sweep.png", rows, title) is None:
+            say("note: matplotlib is not installed (pip install 'tome-serve[bench]'): no plot")
+        else:
+            written.append("sweep.png")
+    say(f"wrote {', '.join(str(args.out / name) for name in written)}")
+    return 0
+
+
+def _run_combos(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:
+    rows = combine.parse_optimisations(args.combos or combine.default_optimisations(device), device)
+    images = _timing_images(args, model, dataset).to(device)
+    limits = combine.recompile_limits(len(model.blocks), r_values, rows)
+    with torch._dynamo.config.patch(**limits):
+        variants, cells = combine.build_variants(model, rows, r_values, device, args.batch_size)
+        say(f"first call of {len(variants)} variants (compiling the compiled ones; this can take minutes)")
+        variants = combine.warm_up(variants, cells, images, device)
+        if (combine.BASELINE, 0) not in variants:
+            raise EvalInputError(f"the plain fp32 model failed: {cells[combine.BASELINE, 0].error}")
+        folder = None
+        if dataset is not None:
+            folder = evaluate(variants, (combine.BASELINE, 0), dataset, args.batch_size, args.workers, device,
+                              progress=not args.no_progress)
+        unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
+        _check_any_readable(listing, unreadable)
+        seconds = None
+        if args.timing_rounds:
+            seconds = seconds_per_batch(variants, images, args.timing_rounds, device, warmup=1,
+                                        progress=not args.no_progress)
+    classifier = bool(model.num_classes)
+    quality = {key: t.summary(classifier) for key, t in folder.tallies.items()} if folder else None
+    combine.fill_cells(cells, seconds, quality, args.batch_size)
+    info = sweep.run_info(args.model, loaded.weights, loaded.head_is_random, device, listing, unreadable,
+                          batch_size=args.batch_size, timing_rounds=args.timing_rounds,
+                          has_classifier=classifier, r=r_values, optimisations=[row.name for row in rows])
+    print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
+    print(report.combo_tables(cells, r_values, bool(listing and listing.labelled), classifier))
+    records = [report.cell_record(cell) for cell in cells.values()]
+    report.write_csv(args.out / "combos.csv", records)
+    report.write_json(args.out / "combos.json", {"info": info, "cells": records})
+    written = ["combos.csv", "combos.json"]
+    if folder is not None:
+        report.write_per_image(args.out / "combos_images.csv", folder.per_image, listing.samples,
+                               lambda key: f"{key[0]} r={key[1]}")
+        written.append("combos_images.csv")
+    say(f"wrote {', '.join(str(args.out / name) for name in written)}")
+    return 0
