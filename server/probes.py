@@ -12,7 +12,7 @@ from .service import InferenceService, Phase
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Status)
+@router.get("/healthz", response_model=Status, response_model_exclude_none=True)
 async def healthz() -> Status:
     """The process is alive and its event loop answers."""
     return Status(status="ok")

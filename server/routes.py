@@ -81,11 +81,17 @@ Service = Annotated[InferenceService, Depends(get_service)]
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
 async def classify(
-    request: Request, service: Service, r: RQuery = None, top_k: TopKQuery = None, model: ModelQuery = None
+    request: Request,
+    response: Response,
+    service: Service,
+    r: RQuery = None,
+    top_k: TopKQuery = None,
+    model: ModelQuery = None,
 ) -> ClassifyResponse:
     """Classify an image with the ToMe-patched model at the given r."""
     arrived = time.monotonic()
     request_id = _request_id(request)
+    response.headers["X-Request-ID"] = request_id
     loaded, r = _resolve(request, service, model, r, request_id)
     if not loaded.num_classes:
         raise ApiError(422, f"{loaded.name} has no classifier head; use /visualize", request_id=request_id)

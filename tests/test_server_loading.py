@@ -1,0 +1,117 @@
+"""Start-up loading: weights sources, refusals with useful messages, r range and costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from serverutil import TINY_MODEL_KWARGS
+
+import tome
+from server.config import Settings
+from server.loading import StartupError, load_model
+from server.models import largest_useful_r
+
+NAME = "vit_tiny_patch16_224"
+
+
+def settings(weights: str = "random", **overrides: object) -> Settings:
+    values = {"model": NAME, "weights": weights, "model_kwargs": TINY_MODEL_KWARGS, "device": "cpu"}
+    return Settings(**{**values, **overrides})
+
+
+def tiny(**kwargs: object) -> torch.nn.Module:
+    return timm.create_model(NAME, pretrained=False, **{**TINY_MODEL_KWARGS, **kwargs}).eval()
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_random_weights_are_seeded_patched_and_described() -> None:
+    first, second = load_model(NAME, settings()), load_model(NAME, settings())
+    assert first.weights == "random"
+    assert same_weights(first.module, second.module)  # every server process serves the same model
+    assert isinstance(first.module, tome.model.ToMeVisionTransformer)
+    assert first.num_tokens == 65 and first.depth == 4 and first.patch_size == (8, 8)
+    assert first.preprocessor.input_size == (3, 64, 64)
+    assert first.labels[1].startswith("goldfish")
+    assert first.r_max == 32 and first.default_r == 16
+    costs = {c.r: c for c in first.costs}
+    assert sorted(costs) == list(range(33))
+    assert costs[0].speedup == 1.0 and costs[0].gflops == pytest.approx(tome.flops(first.module, r=0))
+    assert costs[16].gflops == pytest.approx(tome.flops(first.module, r=16))
+    assert costs[16].speedup == pytest.approx(costs[0].gflops / costs[16].gflops)
+    assert costs[16].output_tokens == tome.token_counts(65, 4, 16)[-1]
+
+
+def test_largest_useful_r_is_where_token_counts_stop_changing() -> None:
+    model = tiny()
+    r_max = largest_useful_r(model)
+    assert tome.token_counts(65, 4, r_max) == tome.token_counts(65, 4, 1000)
+    assert tome.token_counts(65, 4, r_max - 1) != tome.token_counts(65, 4, r_max)
+    base = timm.create_model("vit_base_patch16_224", pretrained=False, depth=1)  # 197 tokens
+    assert largest_useful_r(base) == 98
+
+
+def test_max_r_caps_the_range_and_the_default() -> None:
+    loaded = load_model(NAME, settings(max_r=6))
+    assert loaded.r_max == 6 and loaded.default_r == 6
+    assert [c.r for c in loaded.costs] == list(range(7))
+
+
+def test_safetensors_file(tmp_path: Path) -> None:
+    source = tiny()
+    save_file(source.state_dict(), tmp_path / "tiny.safetensors")
+    loaded = load_model(NAME, settings(str(tmp_path / "tiny.safetensors")))
+    assert loaded.weights == str(tmp_path / "tiny.safetensors") and not loaded.notes
+    assert same_weights(source, loaded.module)
+
+
+def test_wrapped_torch_checkpoint(tmp_path: Path) -> None:
+    source = tiny()
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "ckpt.pth")
+    assert same_weights(source, load_model(NAME, settings(str(tmp_path / "ckpt.pth"))).module)
+
+
+def test_file_without_classifier_head_loads_with_a_warning(tmp_path: Path) -> None:
+    source = tiny()
+    backbone_only = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    torch.save(backbone_only, tmp_path / "b.pth")
+    loaded = load_model(NAME, settings(str(tmp_path / "b.pth")))
+    assert "head is random" in loaded.weights
+    assert loaded.notes and "classifier head" in loaded.notes[0]
+    backbone = {k: v for k, v in loaded.module.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in backbone.items())
+
+
+def test_backbone_without_head_serves_visualize_only(tmp_path: Path) -> None:
+    loaded = load_model(NAME, settings(model_kwargs={**TINY_MODEL_KWARGS, "num_classes": 0}))
+    assert loaded.num_classes == 0
+    assert any("no classifier head" in note for note in loaded.notes)
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    torch.save({"weights": tiny().state_dict(), "config": Path("x")}, tmp_path / "pickle.pth")
+    with pytest.raises(StartupError, match="weights_only"):
+        load_model(NAME, settings(str(tmp_path / "pickle.pth")))
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
+    save_file(tiny(embed_dim=32).state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(StartupError, match="does not fit"):
+        load_model(NAME, settings(str(tmp_path / "other.safetensors")))
+
+
+def test_missing_file_and_unsupported_models_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="no such file"):
+        load_model(NAME, settings(str(tmp_path / "absent.safetensors")))
+    with pytest.raises(StartupError, match="cannot be served with token merging"):
+        load_model("resnet18", settings(model_kwargs={}))
+    with pytest.raises(StartupError, match="no model named"):
+        load_model("vit_does_not_exist", settings())
