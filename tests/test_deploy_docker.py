@@ -5,13 +5,19 @@ image itself is not built here; the package build from exactly the copied files 
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -151,10 +157,8 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
         assert dockerignore_excludes(junk)
 
 
-@pytest.mark.timeout(300)
-def test_package_builds_from_exactly_the_copied_files(tmp_path):
-    """What `pip install .` sees in the builder stage: only the COPY'd paths. Catches a module or
-    package-data file that the image would silently miss."""
+def build_wheel_from_copied_files(tmp_path: Path) -> Path:
+    """What `pip install .` sees in the builder stage: only the COPY'd paths."""
     context = tmp_path / "src"
     context.mkdir()
     for source in copied_sources():
@@ -164,27 +168,60 @@ def test_package_builds_from_exactly_the_copied_files(tmp_path):
         else:
             shutil.copy2(src, context / source)
     wheel_dir = tmp_path / "wheel"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheel_dir),
-            ".",
-        ],
-        cwd=context,
-        capture_output=True,
-        text=True,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(wheel_dir),
+        ".",
+    ]
+    result = subprocess.run(command, cwd=context, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    import zipfile
-
     (wheel,) = wheel_dir.glob("tome_serve-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    for package in ("tome/__init__.py", "server/__init__.py", "server/__main__.py"):
-        assert package in names, f"{package} missing from the wheel the image would install"
-    assert any(name.startswith("server/static/") for name in names), "demo page assets missing"
+    return wheel
+
+
+@pytest.mark.timeout(300)
+def test_server_from_the_image_contents_serves_requests(tmp_path):
+    """Build the wheel the image installs from exactly the copied files, then run the server from that
+    wheel alone (not from the checkout): catches a module or package-data file the image would miss."""
+    from serverutil import ServerProcess, server_env, wait_until_ready
+
+    wheel = build_wheel_from_copied_files(tmp_path)
+    installed = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(installed)
+    # -S: no site processing, so an editable install of the checkout cannot shadow the wheel.
+    env = server_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(installed), sysconfig.get_paths()["purelib"]])
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-S", "-m", "server"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(url=f"http://127.0.0.1:{env['TOME_PORT']}", process=process, log_path=log_path)
+    try:
+        wait_until_ready(server)
+        probe = "import server, tome; print(server.__file__, tome.__file__)"
+        paths = subprocess.run(
+            [sys.executable, "-S", "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
+        ).stdout
+        assert paths.count(str(installed)) == 2, paths
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), "green").save(buffer, format="PNG")
+        answer = httpx.post(
+            f"{server.url}/classify?r=8",
+            files={"file": ("a.png", buffer.getvalue(), "image/png")},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert httpx.get(f"{server.url}/", timeout=10).status_code == 200, "demo page assets missing"
+    finally:
+        server.stop()
