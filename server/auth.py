@@ -1,7 +1,9 @@
-"""Optional bearer-key authentication for every path except the probes and the metrics.
+"""Optional bearer-key authentication for every path except the probes, the metrics and the demo page.
 
 It is ASGI middleware rather than a route dependency so that nothing can be added later (docs,
-static files, new routes) without being covered.
+new routes) without being covered. The demo page's HTML, script and samples hold nothing secret
+and must load in a browser, which cannot add a header to a page load; the page then sends the key
+(typed into its own field) with every API call it makes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+DEMO_PATHS = frozenset({"/"})
+DEMO_PREFIX = "/static/"
+
+
+def is_open(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    if path in OPEN_PATHS:
+        return True
+    reads = scope.get("method") in ("GET", "HEAD")
+    return reads and (path in DEMO_PATHS or path.startswith(DEMO_PREFIX))
 
 
 class BearerAuthMiddleware:
@@ -21,7 +33,7 @@ class BearerAuthMiddleware:
         self._key_digest = hashlib.sha256(api_key.encode()).digest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or self._authorized(scope):
+        if scope["type"] != "http" or is_open(scope) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         response = JSONResponse(
