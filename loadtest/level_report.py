@@ -23,8 +23,8 @@ MIN_LEVEL_SECONDS = 3.0
 @dataclass
 class _Level:
     users: int
-    first_s: float
-    last_s: float
+    seconds: float = 0.0
+    """Time spent at this user count in spans that are closed (the current span is not included)."""
     latencies_ms: list[float] = field(default_factory=list)
     shed: int = 0
     failed: int = 0
@@ -52,20 +52,38 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 class LevelRecorder:
-    """Collects request outcomes keyed by the number of users running when each request finished."""
+    """Collects request outcomes keyed by the number of users running when each request finished.
 
-    def __init__(self, user_count: Callable[[], int], clock: Callable[[], float] = time.monotonic):
+    A level's time is the sum of the spans during which it was the current user count (a span runs from
+    the first request completed at that count to the first completed at the next). Requests finished
+    while ``active()`` is false (the test stopping and its users being killed) are ignored, so stragglers
+    do not land in a lower level on the way down.
+    """
+
+    def __init__(
+        self,
+        user_count: Callable[[], int],
+        active: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._user_count = user_count
+        self._active = active
         self._clock = clock
         self._levels: dict[int, _Level] = {}
+        self._current: int | None = None
+        self._span_start = 0.0
+        self._last_event = 0.0
 
     def record(self, outcome: str, response_time_ms: float) -> None:
-        now = self._clock()
-        users = self._user_count()
-        level = self._levels.get(users)
-        if level is None:
-            level = self._levels[users] = _Level(users, now, now)
-        level.last_s = now
+        if not self._active():
+            return
+        now, users = self._clock(), self._user_count()
+        if users != self._current:
+            if self._current is not None:
+                self._levels[self._current].seconds += now - self._span_start
+            self._current, self._span_start = users, now
+        self._last_event = now
+        level = self._levels.setdefault(users, _Level(users))
         if outcome == ANSWERED:
             level.latencies_ms.append(response_time_ms)
         elif outcome == SHED:
@@ -73,11 +91,15 @@ class LevelRecorder:
         else:
             level.failed += 1
 
+    def _seconds(self, level: _Level) -> float:
+        open_span = self._last_event - self._span_start if level.users == self._current else 0.0
+        return level.seconds + open_span
+
     def rows(self, min_seconds: float = MIN_LEVEL_SECONDS) -> list[LevelRow]:
         rows = []
         for users in sorted(self._levels):
             level = self._levels[users]
-            seconds = level.last_s - level.first_s
+            seconds = self._seconds(level)
             if seconds < min_seconds:
                 continue
             latencies = sorted(level.latencies_ms)

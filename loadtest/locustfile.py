@@ -31,7 +31,7 @@ from level_report import ANSWERED, FAILED, SHED, LevelRecorder, markdown_table, 
 from locust import events, task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.env import Environment
-from locust.runners import Runner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, Runner
 from sample_images import SampleImage, load_sample_images
 from urllib3 import encode_multipart_formdata
 
@@ -149,7 +149,10 @@ def _attach_level_report(environment: Environment, runner: Runner | None = None,
     """Per user-count statistics for this run, printed and written to LOADTEST_REPORT_DIR at the end."""
     if runner is None:
         return
-    recorder = LevelRecorder(lambda: runner.user_count)
+    recorder = LevelRecorder(
+        user_count=lambda: runner.user_count,
+        active=lambda: runner.state in (STATE_SPAWNING, STATE_RUNNING),
+    )
 
     def on_request(
         name: str,

@@ -138,21 +138,41 @@ def test_step_run_counts_429_apart_from_failures(stub_server, tmp_path):
 
 
 def test_level_recorder_splits_by_user_count_and_outcome():
-    clock = iter([0.0, 1.0, 5.0, 10.0, 10.5, 11.0, 20.0, 21.0])
-    users = iter([2, 2, 2, 4, 4, 4, 4, 0])
-    recorder = LevelRecorder(lambda: next(users), clock=lambda: next(clock))
-    for outcome, ms in [(ANSWERED, 10), (SHED, 1), (ANSWERED, 30), (ANSWERED, 50), (FAILED, 5)]:
+    # (time s, users, active, outcome, response ms): 2 users from t=0 to t=5, 4 users from t=5 to t=15,
+    # then the test stops and a straggler finishes while the users are being killed.
+    events = [
+        (0.0, 2, True, ANSWERED, 10),
+        (1.0, 2, True, SHED, 1),
+        (4.0, 2, True, ANSWERED, 30),
+        (5.0, 4, True, ANSWERED, 50),
+        (6.0, 4, True, FAILED, 5),
+        (10.0, 4, True, ANSWERED, 70),
+        (15.0, 4, True, ANSWERED, 90),
+        (15.5, 2, False, ANSWERED, 999),
+    ]
+    state = {}
+    recorder = LevelRecorder(
+        user_count=lambda: state["users"], active=lambda: state["active"], clock=lambda: state["now"]
+    )
+    for now, users, active, outcome, ms in events:
+        state.update(now=now, users=users, active=active)
         recorder.record(outcome, ms)
-    recorder.record(ANSWERED, 70)
-    recorder.record(ANSWERED, 90)
-    recorder.record(ANSWERED, 1)  # a straggler after the stop: its level lasted 0 s and is left out
     two, four = recorder.rows()
-    assert (two.users, two.requests, two.failures) == (2, 3, 0)
+    assert (two.users, two.seconds, two.requests, two.failures) == (2, 5.0, 3, 0)
     assert two.answered_per_s == pytest.approx(2 / 5.0) and two.shed_share == pytest.approx(1 / 3)
-    assert (two.p50_ms, two.p99_ms) == (10, 30)
-    assert (four.users, four.requests, four.failures) == (4, 4, 1)
+    assert (two.p50_ms, two.p99_ms) == (10, 30), "the straggler after the stop is not counted"
+    assert (four.users, four.seconds, four.requests, four.failures) == (4, 10.0, 4, 1)
     assert four.answered_per_s == pytest.approx(3 / 10.0) and four.shed_share == 0
     assert (four.p50_ms, four.p95_ms) == (70, 90)
+
+
+def test_level_recorder_leaves_out_short_levels():
+    state = {"users": 1, "now": 0.0}
+    recorder = LevelRecorder(user_count=lambda: state["users"], clock=lambda: state["now"])
+    for now, users in [(0.0, 1), (0.5, 2), (1.0, 3), (9.0, 3)]:
+        state.update(now=now, users=users)
+        recorder.record(ANSWERED, 10)
+    assert [row.users for row in recorder.rows()] == [3], "ramp-up counts held under 3 s are dropped"
 
 
 def test_percentile_is_nearest_rank():
