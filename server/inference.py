@@ -66,7 +66,7 @@ class InferenceWorker:
         shape = self.model.preprocessor.input_size
         calls = [(size, False) for size in batch_sizes] + [(1, True)]
         for size, trace in calls:
-            inputs = [torch.zeros(shape)] * size
+            inputs = [torch.zeros(shape, dtype=torch.uint8)] * size
             self._thread.submit(self.forward, self.model.default_r, inputs, 1, trace).result()
 
     def forward(self, r: int, inputs: list[torch.Tensor], top_k: int, trace_source: bool) -> BatchOutput:
@@ -76,7 +76,8 @@ class InferenceWorker:
         model = self.model
         started = time.perf_counter()
         with torch.inference_mode(), tome.merging(r=r, trace_source=trace_source) as info:
-            batch = torch.stack(inputs).to(device=model.device, dtype=model.dtype, non_blocking=True)
+            pixels = torch.stack(inputs).to(device=model.device, non_blocking=True)
+            batch = model.preprocessor.normalize(pixels, model.dtype)
             outputs = model.module(batch)
             indices, scores = _top_k(outputs, top_k if model.num_classes else 0)
             source = info.source.cpu() if trace_source and info.source is not None else None

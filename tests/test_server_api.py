@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serverutil import TINY_MODEL_ENV, TINY_MODEL_KWARGS, run_server
+from timm.data import create_transform
 
 import tome
 from server.config import Settings
@@ -69,8 +70,9 @@ def expected_probabilities(image: Image.Image, r: int) -> torch.Tensor:
     """The same seeded random model, in this process, on the same image: what the server must say."""
     settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
     loaded = load_model(MODEL, settings)
+    timm_transform = create_transform(**loaded.preprocessor.data_config, is_training=False)
     with torch.inference_mode(), tome.merging(r=r):
-        return loaded.module(loaded.preprocessor(image)[None]).softmax(-1)[0]
+        return loaded.module(timm_transform(image)[None]).softmax(-1)[0]
 
 
 # -- operations -------------------------------------------------------------------------------------

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from serverutil import TINY_MODEL_KWARGS
+from timm.data import create_transform
 
 import tome
 from server.config import Settings
@@ -115,3 +118,13 @@ def test_missing_file_and_unsupported_models_are_refused(tmp_path: Path) -> None
         load_model("resnet18", settings(model_kwargs={}))
     with pytest.raises(StartupError, match="no model named"):
         load_model("vit_does_not_exist", settings())
+
+
+def test_preprocessing_matches_the_models_own_transform() -> None:
+    loaded = load_model(NAME, settings())
+    assert loaded.preprocessor.input_size == (3, 64, 64)  # the model's size, not its pretrained config's
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    pixels = loaded.preprocessor(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+    timm_transform = create_transform(**loaded.preprocessor.data_config, is_training=False)
+    torch.testing.assert_close(loaded.preprocessor.model_input(image)[0], timm_transform(image))

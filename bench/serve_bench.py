@@ -1,0 +1,408 @@
+"""Server throughput and latency against the model's own throughput, measured in the same run.
+
+    python bench/serve_bench.py --model vit_small_patch16_224 --weights random --batch-size 8 --r 16
+
+1. Starts ``python -m server`` (or uses ``--url``) with the given model and batching knobs.
+2. Direct: the same model, loaded and patched in this process the same way, timed on a ready-made
+   batch of ``--batch-size`` preprocessed images (no HTTP, no decoding): the ceiling.
+3. Saturation: ``--concurrency`` closed-loop clients (default 3 x batch size) post a JPEG back to
+   back for ``--duration`` s; throughput and p50/p95/p99 latency of the answers.
+4. Overload: open-loop arrivals at ``--overload`` (default 2) x the saturation throughput; a server
+   that sheds answers the excess with 429 and keeps the latency of what it accepts bounded.
+5. Direct again (drift check), then results to ``--out`` (JSON) and the same name with .csv.
+
+Targets (issue 3): saturation throughput >= 90% of direct; under overload a share of 429s and no
+latency growth from the first to the last third of the phase. Clients run in this process, on the
+same machine as the server, and their CPU time counts against the server's: say so with figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import tome  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.loading import load_model  # noqa: E402
+from tome.timing import interleaved_seconds  # noqa: E402
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    seconds: float
+    offered_rps: float | None
+    sent: int
+    answered: int
+    shed_429: int
+    timed_out_504: int
+    other_errors: int
+    throughput_ips: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    p95_first_third_ms: float | None = None
+    p95_last_third_ms: float | None = None
+    mean_batch_size: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    sent_at: float
+    latency_s: float
+    status: int
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 2) if values else None
+
+
+def summarize(name: str, outcomes: list[Outcome], seconds: float, offered: float | None) -> PhaseResult:
+    ok = sorted((o for o in outcomes if o.status == 200), key=lambda o: o.sent_at)
+    latencies = [o.latency_s for o in ok]
+    third = len(ok) // 3
+    errors: dict[str, int] = {}
+    for o in outcomes:
+        if o.status not in (200, 429, 504):
+            errors[str(o.status)] = errors.get(str(o.status), 0) + 1
+    return PhaseResult(
+        phase=name,
+        seconds=round(seconds, 2),
+        offered_rps=None if offered is None else round(offered, 2),
+        sent=len(outcomes),
+        answered=len(ok),
+        shed_429=sum(o.status == 429 for o in outcomes),
+        timed_out_504=sum(o.status == 504 for o in outcomes),
+        other_errors=sum(errors.values()),
+        throughput_ips=round(len(ok) / seconds, 2),
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
+        p99_ms=percentile(latencies, 99),
+        p95_first_third_ms=percentile([o.latency_s for o in ok[:third]], 95) if third else None,
+        p95_last_third_ms=percentile([o.latency_s for o in ok[-third:]], 95) if third else None,
+        errors=errors,
+    )
+
+
+async def post(
+    http: httpx.AsyncClient, payload: bytes, r: int, sink: list[Outcome], window: tuple[float, float]
+):
+    sent = time.monotonic()
+    try:
+        response = await http.post(
+            "/classify", params={"r": r, "top_k": 1}, content=payload, headers={"content-type": "image/jpeg"}
+        )
+        status = response.status_code
+    except httpx.HTTPError as exc:
+        status = -1 if not isinstance(exc, httpx.TimeoutException) else -2
+    done = time.monotonic()
+    if window[0] <= sent and done <= window[1]:
+        sink.append(Outcome(sent, done - sent, status))
+
+
+async def closed_loop(
+    url: str, payload: bytes, r: int, clients: int, warmup: float, seconds: float, headers: dict[str, str]
+) -> list[Outcome]:
+    """``clients`` workers, each sending its next request as soon as the last is answered."""
+    outcomes: list[Outcome] = []
+    start = time.monotonic()
+    window = (start + warmup, start + warmup + seconds)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits, headers=headers) as http:
+
+        async def worker() -> None:
+            while time.monotonic() < window[1]:
+                await post(http, payload, r, outcomes, window)
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return outcomes
+
+
+async def open_loop(
+    url: str, payload: bytes, r: int, rate: float, warmup: float, seconds: float, headers: dict[str, str]
+) -> list[Outcome]:
+    """Requests arrive at ``rate`` per second whatever the server does (Poisson arrivals)."""
+    outcomes: list[Outcome] = []
+    rng = np.random.default_rng(0)
+    start = time.monotonic()
+    window = (start + warmup, start + warmup + seconds)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits, headers=headers) as http:
+        tasks = []
+        next_at = start
+        while next_at < window[1]:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            tasks.append(asyncio.create_task(post(http, payload, r, outcomes, (window[0], float("inf")))))
+            next_at += rng.exponential(1.0 / rate)
+        await asyncio.gather(*tasks)
+    return [o for o in outcomes if o.sent_at <= window[1]]
+
+
+def direct_throughput(
+    settings: Settings, r: int, batch_size: int, seconds: float, image: Image.Image
+) -> dict:
+    """Images per second of the patched model itself on a ready batch (median batch time)."""
+    loaded = load_model(settings.model_names[0], settings)
+    pixels = torch.stack([loaded.preprocessor(image)] * batch_size).to(loaded.device)
+    batch = loaded.preprocessor.normalize(pixels, loaded.dtype)  # ready input: the model's time alone
+
+    def forward() -> None:
+        with tome.merging(r=r):
+            loaded.module(batch)
+
+    probe = interleaved_seconds({"direct": forward}, rounds=2, warmup=2, device=loaded.device)["direct"]
+    rounds = max(5, int(seconds / max(probe, 1e-4)))
+    per_batch = interleaved_seconds({"direct": forward}, rounds=rounds, warmup=1, device=loaded.device)[
+        "direct"
+    ]
+    return {
+        "batch_seconds": round(per_batch, 5),
+        "throughput_ips": round(batch_size / per_batch, 2),
+        "rounds": rounds,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "TOME_MODEL": args.model,
+        "TOME_WEIGHTS": args.weights,
+        "TOME_MODEL_KWARGS": args.model_kwargs,
+        "TOME_DEVICE": args.device,
+        "TOME_DTYPE": args.dtype,
+        "TOME_HOST": "127.0.0.1",
+        "TOME_PORT": str(port),
+        "TOME_MAX_BATCH_SIZE": str(args.batch_size),
+        "TOME_MAX_DELAY_MS": str(args.max_delay_ms),
+        "TOME_MAX_QUEUE": str(args.max_queue),
+        "TOME_REQUEST_TIMEOUT_MS": str(args.request_timeout_ms),
+        "TOME_LOG_LEVEL": "warning",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not become ready")
+
+
+def batch_totals(url: str, model: str, r: int, headers: dict[str, str]) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram for (model, r)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"tome_batch_size_sum": 0.0, "tome_batch_size_count": 0.0}
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name in totals and labels.get("model") == model and labels.get("r") == str(r):
+                totals[sample.name] += sample.value
+    return totals["tome_batch_size_sum"], totals["tome_batch_size_count"]
+
+
+def run_phase(
+    name: str,
+    load,
+    args: argparse.Namespace,
+    url: str,
+    model: str,
+    headers: dict[str, str],
+    offered: float | None,
+) -> PhaseResult:
+    """Run one load coroutine; summarise it with the server's mean batch size over the phase."""
+    sum_before, count_before = batch_totals(url, model, args.r, headers)
+    outcomes = asyncio.run(load)
+    sum_after, count_after = batch_totals(url, model, args.r, headers)
+    result = summarize(name, outcomes, args.duration, offered)
+    if count_after > count_before:
+        result.mean_batch_size = round((sum_after - sum_before) / (count_after - count_before), 2)
+    print(f"{name}: {asdict(result)}", flush=True)
+    return result
+
+
+def test_image(path: str | None, size: int) -> tuple[Image.Image, bytes]:
+    if path:
+        image = Image.open(path).convert("RGB")
+    else:  # smooth colour noise: JPEG-compresses like a photo, not like a flat colour
+        noise = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        image = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return image, buffer.getvalue()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--weights", default="random", help="as the server's --weights")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON, as the server's --model-kwargs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="server TOME_MAX_BATCH_SIZE and direct batch"
+    )
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--request-timeout-ms", type=float, default=10_000)
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="saturation clients (default 3 x batch)"
+    )
+    parser.add_argument("--overload", type=float, default=2.0, help="overload rate / saturation throughput")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per phase")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each phase")
+    parser.add_argument(
+        "--direct-seconds", type=float, default=15.0, help="seconds of direct timing, each time"
+    )
+    parser.add_argument("--image", default=None, help="image to send (default: synthetic)")
+    parser.add_argument("--image-size", type=int, default=320, help="side of the synthetic image")
+    parser.add_argument("--url", default=None, help="use this running server instead of starting one")
+    parser.add_argument("--out", default="artifacts/serve_bench.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    concurrency = args.concurrency or 3 * args.batch_size
+    key = os.environ.get("TOME_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    settings = Settings(
+        model=args.model,
+        weights=args.weights,
+        model_kwargs=args.model_kwargs,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.batch_size,
+    )
+    image, payload = test_image(args.image, args.image_size)
+    process, url = (None, args.url) if args.url else start_server(args)
+    try:
+        info = httpx.get(f"{url}/models", headers=headers).json()["models"][0]
+        model = info["name"]
+        print(f"server {url}: {model} ({info['weights']}), r={args.r}, batch {args.batch_size}", flush=True)
+        direct_before = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
+        print(f"direct (before): {direct_before}", flush=True)
+        saturated = closed_loop(url, payload, args.r, concurrency, args.warmup, args.duration, headers)
+        saturation = run_phase("saturation", saturated, args, url, model, headers, None)
+        rate = args.overload * max(saturation.throughput_ips, 1.0)
+        overloaded = open_loop(url, payload, args.r, rate, args.warmup, args.duration, headers)
+        overload = run_phase("overload", overloaded, args, url, model, headers, rate)
+        direct_after = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
+        print(f"direct (after): {direct_after}", flush=True)
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    info.pop("costs", None)
+    result = report(args, concurrency, len(payload), info, direct_before, direct_after, saturation, overload)
+    write(Path(args.out), result, [saturation, overload])
+    print(json.dumps(result["verdict"], indent=2))
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    concurrency: int,
+    payload_bytes: int,
+    server_model: dict,
+    direct_before: dict,
+    direct_after: dict,
+    saturation: PhaseResult,
+    overload: PhaseResult,
+) -> dict:
+    direct = (direct_before["throughput_ips"] + direct_after["throughput_ips"]) / 2
+    ratio = saturation.throughput_ips / direct
+    first, last = overload.p95_first_third_ms, overload.p95_last_third_ms
+    growth = last / first if first and last else None
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "config": {
+            **vars(args),
+            "concurrency": concurrency,
+            "payload_bytes": payload_bytes,
+            "server_model": server_model,
+        },
+        "direct": {"before": direct_before, "after": direct_after, "mean_throughput_ips": round(direct, 2)},
+        "phases": [asdict(saturation), asdict(overload)],
+        "verdict": {
+            "saturation_over_direct": round(ratio, 3),
+            "meets_90_percent": ratio >= 0.9,
+            "overload_shed_share": round(overload.shed_429 / max(overload.sent, 1), 3),
+            "overload_p95_growth": None if growth is None else round(growth, 2),
+            "sheds_instead_of_queueing": overload.shed_429 > 0 and (growth is None or growth < 1.5),
+        },
+    }
+
+
+def write(out: Path, result: dict, phases: list[PhaseResult]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    columns = [
+        "phase",
+        "throughput_ips",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "sent",
+        "answered",
+        "shed_429",
+        "timed_out_504",
+        "other_errors",
+        "offered_rps",
+        "mean_batch_size",
+    ]
+    with out.with_suffix(".csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*columns, "direct_ips"])
+        for phase in phases:
+            row = asdict(phase)
+            writer.writerow([*(row[c] for c in columns), result["direct"]["mean_throughput_ips"]])
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
