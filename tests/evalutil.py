@@ -20,9 +20,9 @@ NUM_CLASSES = 8
 BASES = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 50)]
 
 
-def tiny_model(num_classes: int = NUM_CLASSES, seed: int = 0) -> torch.nn.Module:
+def tiny_model(num_classes: int = NUM_CLASSES, seed: int = 0, **overrides: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model(MODEL, pretrained=False, num_classes=num_classes, **TINY)
+    model = timm.create_model(MODEL, pretrained=False, num_classes=num_classes, **{**TINY, **overrides})
     return tome.patch(model).eval()
 
 
@@ -70,6 +70,12 @@ def shade(rgb: tuple[int, int, int], delta: int) -> tuple[int, int, int]:
     return tuple(min(255, max(0, c + delta)) for c in rgb)  # type: ignore[return-value]
 
 
+def labelled_pattern_folder(root: Path, per_class: int = 5) -> None:
+    for label, rgb in enumerate(BASES):
+        for i in range(per_class):
+            pattern_image(root / str(label) / f"img{i}.png", rgb, seed=100 * label + i)
+
+
 def labelled_solid_folder(root: Path) -> dict[Path, tuple[int, tuple[int, int, int]]]:
     """Three one-colour images per class folder, one of them deliberately in the wrong folder's
     colour, so accuracy is neither 0 nor 1. Returns each file's label and colour."""
@@ -83,7 +89,7 @@ def labelled_solid_folder(root: Path) -> dict[Path, tuple[int, tuple[int, int, i
     return written
 
 
-def model_args(weights: Path, num_classes: int = NUM_CLASSES) -> list[str]:
+def model_args(weights: Path, num_classes: int = NUM_CLASSES, **overrides: int) -> list[str]:
     return ["--model", MODEL, "--weights", str(weights),
-            "--model-kwargs", json.dumps({**TINY, "num_classes": num_classes}),
+            "--model-kwargs", json.dumps({**TINY, **overrides, "num_classes": num_classes}),
             "--workers", "0", "--no-progress", "--batch-size", "4", "--timing-rounds", "2"]

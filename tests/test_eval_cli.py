@@ -99,7 +99,9 @@ def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_mo
 
     assert run_eval([str(tmp_path / "photos"), *model_args(weights), "--r", "2,4", "--out", str(out)]) == 0
 
-    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    document = json.loads((out / "sweep.json").read_text())
+    rows = document["rows"]
+    assert -1 <= document["info"]["cosine_between_images"] < 1
     assert [row["top1"] for row in rows] == [None, None, None]
     assert rows[0]["agreement"] == 1.0
     assert all(0 <= row["agreement"] <= 1 for row in rows)

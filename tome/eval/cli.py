@@ -19,7 +19,7 @@ import torch.nn as nn
 from . import combine, report, sweep
 from .data import ImageFiles, LabelSpace, Listing, list_images
 from .errors import EvalInputError
-from .runner import evaluate, seconds_per_batch, timing_batch
+from .runner import SCALE_SAMPLE, FolderRun, evaluate, seconds_per_batch, timing_batch
 from .weights import LoadedModel, build_model
 
 DEFAULT_R = (0, 4, 8, 12, 16)
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative, default=2,
                    help="decoding processes; 0 decodes in a background thread (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for inference (torch.set_num_threads; default: torch's choice)")
     p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N images")
     p.add_argument("--unlabelled", action="store_true",
                    help="ignore labels: take every image below the folder (agreement and cosine only)")
@@ -127,6 +129,8 @@ def say(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = build_model(args.model, args.weights, args.model_kwargs, args.seed)
     model = loaded.model.to(device)
     if loaded.missing_head_keys:
@@ -220,9 +224,11 @@ def _run_sweep(args, loaded: LoadedModel, model, device, r_values, listing, data
     rows = sweep.rows_for(model, r_values, seconds, args.batch_size, folder)
     info = sweep.run_info(args.model, loaded.weights, loaded.head_is_random, device, listing, unreadable,
                           batch_size=args.batch_size, timing_rounds=args.timing_rounds,
-                          has_classifier=bool(model.num_classes))
+                          has_classifier=bool(model.num_classes),
+                          cosine_between_images=folder.cosine_between_images if folder else None)
     print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
     print(report.sweep_table(rows))
+    _print_scale(folder)
     records = [row.flat() for row in rows]
     report.write_csv(args.out / "sweep.csv", records)
     report.write_json(args.out / "sweep.json", {"info": info, "rows": records})
@@ -239,6 +245,12 @@ def _run_sweep(args, loaded: LoadedModel, model, device, r_values, listing, data
             written.append("sweep.png")
     say(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
+
+
+def _print_scale(folder: FolderRun | None) -> None:
+    if folder is not None and folder.cosine_between_images is not None:
+        print(f"For scale: two different images have mean cosine {folder.cosine_between_images:.4f} at r=0 "
+              f"(pairs among the first {SCALE_SAMPLE} images).")
 
 
 def _run_combos(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:
@@ -266,9 +278,11 @@ def _run_combos(args, loaded: LoadedModel, model, device, r_values, listing, dat
     combine.fill_cells(cells, seconds, quality, args.batch_size)
     info = sweep.run_info(args.model, loaded.weights, loaded.head_is_random, device, listing, unreadable,
                           batch_size=args.batch_size, timing_rounds=args.timing_rounds,
-                          has_classifier=classifier, r=r_values, optimisations=[row.name for row in rows])
+                          has_classifier=classifier, r=r_values, optimisations=[row.name for row in rows],
+                          cosine_between_images=folder.cosine_between_images if folder else None)
     print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
     print(report.combo_tables(cells, r_values, bool(listing and listing.labelled), classifier))
+    _print_scale(folder)
     records = [report.cell_record(cell) for cell in cells.values()]
     report.write_csv(args.out / "combos.csv", records)
     report.write_json(args.out / "combos.json", {"info": info, "cells": records})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch._dynamo.utils
 import torch.nn as nn
 
 import tome.timing
@@ -120,6 +121,8 @@ class Cell:
     r: int
     first_call_seconds: float | None = None
     """The first call: for compiled rows this is the compile time (plus one forward pass)."""
+    graphs: int | None = None
+    """Graphs dynamo compiled in the first call (compiled rows): each graph break adds one."""
     seconds: float | None = None
     images_per_second: float | None = None
     speedup: float | None = None
@@ -163,6 +166,7 @@ def warm_up(
     working = {}
     with torch.inference_mode():
         for key, variant in variants.items():
+            graphs_before = _graphs_compiled()
             start = time.perf_counter()
             try:
                 variant(images)
@@ -171,8 +175,14 @@ def warm_up(
                 cells[key].error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
                 continue
             cells[key].first_call_seconds = time.perf_counter() - start
+            if "compile" in key[0]:
+                cells[key].graphs = _graphs_compiled() - graphs_before
             working[key] = variant
     return working
+
+
+def _graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def recompile_limits(depth: int, r_values: list[int], rows: list[Optimisation]) -> dict[str, int]:

@@ -78,7 +78,7 @@ def combo_tables(
     if first:
         parts += ["", "First call (compile) seconds, counted apart from the timing:",
                   matrix({(c.optimisation, c.r): c for c in first}, r_values,
-                         lambda c: num(c.first_call_seconds, ".1f"))]
+                         lambda c: f"{num(c.first_call_seconds, '.1f')} ({c.graphs} graphs)")]
     errors = sorted({f"{c.optimisation}: {c.error}" for c in cells.values() if c.error})
     if errors:
         parts += ["", "Failed:", *errors]

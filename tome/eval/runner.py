@@ -79,6 +79,22 @@ class FolderRun:
     unreadable: list[int]
     """Listing positions of the files that failed to decode."""
     per_image: PerImage
+    cosine_between_images: float | None = None
+    """Mean cosine between the reference features of different images (the first
+    :data:`SCALE_SAMPLE`): the scale against which a cosine to r=0 is small or large."""
+
+
+SCALE_SAMPLE = 256
+
+
+def mean_cosine_between(features: torch.Tensor) -> float | None:
+    """Mean cosine over all pairs of different rows of ``features`` [N, C]; None for fewer than 2."""
+    if features.shape[0] < 2:
+        return None
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    similarity = unit @ unit.T
+    off_diagonal = ~torch.eye(len(unit), dtype=torch.bool, device=unit.device)
+    return float(similarity[off_diagonal].mean())
 
 
 def evaluate(
@@ -96,16 +112,20 @@ def evaluate(
     tallies = {key: Tally() for key in variants}
     per_image = PerImage()
     unreadable: list[int] = []
+    sample: list[torch.Tensor] = []
     with tqdm(total=len(dataset), unit="img", disable=not progress, desc="evaluating") as bar, \
             torch.inference_mode():
         for batch in batches(dataset, batch_size, workers):
             unreadable += batch.unreadable
             if len(batch.images):
-                _run_batch(variants, reference, batch, device, tallies, per_image)
+                ref = _run_batch(variants, reference, batch, device, tallies, per_image)
+                if sum(len(f) for f in sample) < SCALE_SAMPLE:
+                    sample.append(ref.features)
             bar.update(len(batch.images) + len(batch.unreadable))
             if batch.unreadable:
                 bar.set_postfix(unreadable=len(unreadable))
-    return FolderRun(tallies, unreadable, per_image)
+    scale = mean_cosine_between(torch.cat(sample)[:SCALE_SAMPLE]) if sample else None
+    return FolderRun(tallies, unreadable, per_image, scale)
 
 
 def _run_batch(
@@ -115,7 +135,7 @@ def _run_batch(
     device: torch.device,
     tallies: dict[Hashable, Tally],
     per_image: PerImage,
-) -> None:
+) -> Outputs:
     images = batch.images.to(device, non_blocking=True)
     ref = variants[reference](images)
     per_image.indices += batch.indices.tolist()
@@ -124,6 +144,7 @@ def _run_batch(
         out = ref if key == reference else variant(images)
         tallies[key].add(out, ref, batch.labels.to(out.features.device))
         per_image.add(key, out, ref)
+    return ref
 
 
 def timing_batch(
