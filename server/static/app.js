@@ -42,6 +42,7 @@
     file: null,
     controller: null, // AbortController of the newest request; older ones are aborted
     debounceTimer: 0,
+    modelsRequest: null, // the /models request in flight, if any
     originalUrl: "",
     mergeUrl: "",
   };
@@ -118,15 +119,25 @@
     return state.models.find((m) => m.name === ui.modelSelect.value) || null;
   }
 
-  // The analytical cost of one r: /models lists it per r, as a list of rows or keyed by r.
+  // The analytical cost of one r, as /models lists it for every r of the model's range.
   function costAt(model, r) {
-    const table = model && (model.per_r ?? model.r_table ?? model.costs);
-    if (Array.isArray(table)) return table.find((row) => Number(row.r) === r) || null;
-    if (table && typeof table === "object") return table[String(r)] || null;
-    return null;
+    const table = model && Array.isArray(model.costs) ? model.costs : [];
+    return table.find((row) => Number(row.r) === r) || null;
   }
 
-  async function loadModels() {
+  function hasClassifier(model) {
+    return Number(model.num_classes ?? 1) > 0;
+  }
+
+  // One /models request at a time: the start, a new key and a first image may all ask for it.
+  function loadModels() {
+    state.modelsRequest ??= fetchModels().finally(() => {
+      state.modelsRequest = null;
+    });
+    return state.modelsRequest;
+  }
+
+  async function fetchModels() {
     setStatus("Loading models…");
     try {
       const payload = await (await request("models")).json();
@@ -144,7 +155,8 @@
     ui.modelSelect.replaceChildren(
       ...state.models.map((m) => new Option(m.name, m.name)),
     );
-    if (state.models.some((m) => m.name === previous)) ui.modelSelect.value = previous;
+    const fallback = state.models.find((m) => m.default) || state.models[0];
+    ui.modelSelect.value = state.models.some((m) => m.name === previous) ? previous : fallback.name;
     ui.modelSelect.disabled = false;
     clearError();
     applyModel({ keepR: false });
@@ -163,21 +175,25 @@
     ui.slider.value = String(Math.min(rMax, Math.max(rMin, wanted)));
     ui.slider.disabled = rMax <= rMin;
 
-    const size = model.input_size ?? model.img_size;
+    const size = Array.isArray(model.input_size) ? model.input_size.slice(-2).join("×") : "";
     const facts = [
-      size ? `input ${Array.isArray(size) ? size.slice(-2).join("×") : size}` : "",
-      model.weights ? `${model.weights} weights` : "",
-      model.device ? String(model.device) : "",
-      model.dtype ? String(model.dtype) : "",
-      `r ${rMin}–${rMax}`,
+      size ? `input ${size}` : "",
+      model.input_tokens ? `${model.input_tokens} tokens` : "",
+      model.depth ? `${model.depth} blocks` : "",
+      model.device,
+      model.dtype,
+      `weights: ${String(model.weights || "?").split("/").pop()}`,
     ].filter(Boolean);
     ui.modelMeta.textContent = facts.join(" · ");
 
-    const random = String(model.weights || "").toLowerCase() === "random";
-    ui.weightsNote.hidden = !random;
-    ui.weightsNote.textContent = random
-      ? "This model has random weights, so its predictions are meaningless; the merge map and timings are real."
-      : "";
+    const notes = [];
+    if (String(model.weights || "").toLowerCase() === "random") {
+      notes.push("This model has random weights, so its predictions are meaningless; the merge map and timings are real.");
+    }
+    if (!hasClassifier(model)) notes.push("This model has no classifier head: the page shows its merge map only.");
+    notes.push(...(Array.isArray(model.notes) ? model.notes.filter((note) => !/num_classes=0/.test(note)) : []));
+    ui.weightsNote.hidden = notes.length === 0;
+    ui.weightsNote.textContent = notes.join(" ");
     showR();
   }
 
@@ -205,6 +221,10 @@
   }
 
   async function refresh() {
+    if (!state.models.length) {
+      loadModels(); // the first try failed (no key yet, say); it refreshes once the models are in
+      return;
+    }
     const model = currentModel();
     const file = state.file;
     if (!model || !file) return;
@@ -221,13 +241,19 @@
     setStatus(`Running ${model.name} at r=${r} on ${file.name || "the image"}…`);
     try {
       const params = { model: model.name, r: String(r) };
-      const [classified, mergeBlob] = await Promise.all([
-        postImage("classify", { ...params, top_k: String(TOP_K) }, file, controller.signal).then((res) => res.json()),
-        postImage("visualize", params, file, controller.signal).then((res) => res.blob()),
+      const classify = hasClassifier(model)
+        ? postImage("classify", { ...params, top_k: String(TOP_K) }, file, controller.signal).then((res) => res.json())
+        : Promise.resolve(null);
+      const [classified, merged] = await Promise.all([
+        classify,
+        postImage("visualize", params, file, controller.signal).then(async (res) => ({
+          blob: await res.blob(),
+          headers: res.headers,
+        })),
       ]);
       if (!isCurrent()) return;
       clearError();
-      renderResult(classified, mergeBlob, r, file);
+      renderResult(classified ?? resultFromHeaders(merged.headers, r), merged.blob, r, file);
     } catch (err) {
       if (!isCurrent() || err.name === "AbortError") return;
       controller.abort(); // the sibling request is useless now
@@ -237,6 +263,24 @@
     } finally {
       if (isCurrent()) ui.results.setAttribute("aria-busy", "false");
     }
+  }
+
+  // A model without a classifier head only has /visualize, which reports its numbers in headers.
+  function resultFromHeaders(headers, r) {
+    const timing = {};
+    for (const part of (headers.get("Server-Timing") || "").split(",")) {
+      const match = part.trim().match(/^(\w+);dur=([\d.]+)/);
+      if (match) timing[match[1]] = Number(match[2]);
+    }
+    const count = (name) => (headers.has(name) ? Number(headers.get(name)) : null);
+    return {
+      model: headers.get("X-Tome-Model") || "",
+      r: count("X-Tome-R") ?? r,
+      predictions: null,
+      tokens: { input: count("X-Tome-Tokens-Input"), output: count("X-Tome-Tokens-Output") },
+      batch_size: count("X-Tome-Batch-Size"),
+      timing_ms: timing,
+    };
   }
 
   // ---------- rendering ----------
@@ -277,11 +321,15 @@
     ui.queueMs.textContent = timing.queue != null ? `of which queued ${formatNumber(timing.queue)} ms` : "";
     ui.batch.textContent = result.batch_size ? `batch of ${result.batch_size}` : "";
 
-    const predictions = Array.isArray(result.predictions) ? result.predictions : [];
-    ui.predictions.replaceChildren(...predictions.map(predictionItem));
-    if (!predictions.length) ui.predictions.replaceChildren(emptyItem("The server returned no predictions."));
-    setStatus(`${name}: ${tokens.input ?? "?"} → ${tokens.output ?? "?"} tokens at r=${r}, ` +
-      `${timing.total != null ? formatNumber(timing.total) : "?"} ms in total.`);
+    if (result.predictions === null) {
+      ui.predictions.replaceChildren(emptyItem("No predictions: this model has no classifier head."));
+    } else if (Array.isArray(result.predictions) && result.predictions.length) {
+      ui.predictions.replaceChildren(...result.predictions.map(predictionItem));
+    } else {
+      ui.predictions.replaceChildren(emptyItem("The server returned no predictions."));
+    }
+    const took = timing.total != null ? `, ${formatNumber(timing.total)} ms in total` : "";
+    setStatus(`${name}: ${tokens.input ?? "?"} → ${tokens.output ?? "?"} tokens at r=${r}${took}.`);
   }
 
   function predictionItem(prediction) {
@@ -418,13 +466,19 @@
     scheduleRefresh();
   });
 
-  ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
-  ui.apiKey.addEventListener("change", () => {
+  function applyKey() {
     const key = ui.apiKey.value.trim();
     if (key) sessionStorage.setItem(KEY_STORAGE, key);
     else sessionStorage.removeItem(KEY_STORAGE);
     if (state.models.length) scheduleRefresh(0);
     else loadModels();
+  }
+
+  ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  ui.apiKey.addEventListener("change", applyKey);
+  $("auth-form").addEventListener("submit", (event) => {
+    event.preventDefault(); // Enter applies the key; the page never reloads
+    applyKey();
   });
   if (ui.apiKey.value) ui.auth.open = true;
 
