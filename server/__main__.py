@@ -44,8 +44,10 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
         description="Serve timm Vision Transformers accelerated with Token Merging (ToMe) over HTTP. "
         "Every option falls back to the environment variable TOME_<OPTION> (e.g. TOME_MAX_BATCH_SIZE).",
     )
+    choices = {"--device": ["auto", "cpu", "cuda"], "--dtype": ["float32", "float16", "bfloat16"],
+               "--log-level": ["critical", "error", "warning", "info", "debug"]}
     for flag, kind, text in _OPTIONS:
-        parser.add_argument(flag, type=kind, help=text)
+        parser.add_argument(flag, type=kind, help=text, choices=choices.get(flag))
     parser.add_argument("--access-log", action="store_true", default=None, help="log every request")
     args = vars(parser.parse_args(argv))
     return {name: value for name, value in args.items() if value is not None}

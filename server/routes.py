@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -32,6 +33,7 @@ from .schemas import (
 from .service import Answer, InferenceService, Key, Phase, Work
 from .upload import read_image_bytes
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 RQuery = Annotated[
@@ -244,6 +246,7 @@ async def _wait(
         if isinstance(error, DeadlineExceededError):
             raise _timed_out(service, request_id)
         if isinstance(error, BatchFailedError):
+            log.error("request %s failed with its batch: %s", request_id, error)
             raise ApiError(500, f"inference failed for the batch holding this request ({error}); "
                                 f"request id {request_id}", request_id=request_id)
         raise error

@@ -30,6 +30,13 @@ def png() -> bytes:
     return buffer.getvalue()
 
 
+def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "never became ready"
+        time.sleep(0.05)
+
+
 def test_readyz_is_503_until_loaded_and_while_draining() -> None:
     release = threading.Event()
 
@@ -48,16 +55,26 @@ def test_readyz_is_503_until_loaded_and_while_draining() -> None:
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert client.get("/models").status_code == 503
         release.set()
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never became ready"
-            time.sleep(0.05)
+        wait_ready(client)
         assert client.post("/classify", content=png()).status_code == 200
         app.state.service.begin_draining()  # what SIGTERM does first
         draining = client.get("/readyz")
         assert (draining.status_code, draining.json()["status"]) == (503, "draining")
         assert client.post("/classify", content=png()).status_code == 503
     assert not fatal
+
+
+def test_backbone_without_classifier_serves_visualize_only() -> None:
+    kwargs = {**TINY_MODEL_KWARGS, "num_classes": 0}
+    app = create_app(Settings(model=MODEL, weights="random", model_kwargs=kwargs, device="cpu"))
+    with TestClient(app) as client:
+        wait_ready(client)
+        (info,) = client.get("/models").json()["models"]
+        assert info["num_classes"] == 0 and "no classifier head" in info["notes"][0]
+        refused = client.post("/classify", content=png())
+        assert refused.status_code == 422 and "/visualize" in refused.json()["detail"]
+        shown = client.post("/visualize", content=png())
+        assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
 
 
 def test_missing_pretrained_weights_fail_fast_with_advice(tmp_path) -> None:
