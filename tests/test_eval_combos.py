@@ -43,7 +43,8 @@ def test_int8_and_bf16_keep_fp32_predictions(tmp_path, folder, capsys):
     weights = write_weights(tmp_path / "tiny.safetensors", model)
     out = tmp_path / "out"
 
-    code = main([str(folder), *model_args(weights), "--r", "4", "--combos", "int8,bf16", "--out", str(out)])
+    code = main([str(folder), *model_args(weights), "--r", "4", "--combos", "--opts", "int8,bf16",
+                 "--out", str(out)])
 
     assert code == 0
     printed = capsys.readouterr().out
@@ -67,7 +68,7 @@ def test_compiled_graphs_match_eager(tmp_path, folder, capsys):
     weights = write_weights(tmp_path / "tiny2.safetensors", model)
     out = tmp_path / "out"
 
-    code = main([str(folder), *model_args(weights, depth=2), "--r", "4", "--combos", "compile",
+    code = main([str(folder), *model_args(weights, depth=2), "--r", "4", "--combos", "--opts", "compile",
                  "--batch-size", "8", "--out", str(out)])
 
     assert code == 0
@@ -91,7 +92,7 @@ def test_a_failing_row_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(combine, "quantise_int8", broken)
     out = tmp_path / "out"
-    assert main([*model_args(weights), "--r", "4", "--combos", "int8", "--out", str(out)]) == 0
+    assert main([*model_args(weights), "--r", "4", "--combos", "--opts", "int8", "--out", str(out)]) == 0
     cells = cells_of(out)
     assert cells["int8", 4]["error"] == "RuntimeError: no int8 engine"
     assert cells["fp32", 4]["speedup"] > 0

@@ -20,7 +20,7 @@ TEN = LabelSpace(10)
 
 
 def to_tensor(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.resize((4, 4)))).permute(2, 0, 1).float()
+    return torch.from_numpy(np.array(image.resize((4, 4)))).permute(2, 0, 1).float()
 
 
 def test_wordnet_folders_map_to_imagenet_indices(tmp_path):

@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore labels: take every image below the folder (agreement and cosine only)")
     p.add_argument("--timing-rounds", type=_non_negative, default=10,
                    help="interleaved timing rounds of one batch per r; 0 skips timing (default: %(default)s)")
-    p.add_argument("--combos", nargs="?", const="", default=None, metavar="LIST",
-                   help="benchmark ToMe stacked with optimisations instead: comma-separated rows, each "
-                        "a '+'-joined set of compile, bf16, fp16, int8 (default: compile,bf16,int8 on "
-                        "CPU; compile,fp16,bf16,compile+fp16 on CUDA)")
+    p.add_argument("--combos", action="store_true",
+                   help="benchmark ToMe stacked with the --opts optimisations instead of the r sweep")
+    p.add_argument("--opts", default=None, metavar="LIST",
+                   help="rows of the --combos matrix: comma-separated, each a '+'-joined set of compile, "
+                        "bf16, fp16, int8 (default: compile,bf16,int8 on CPU; compile,fp16,bf16,compile+fp16 "
+                        "on CUDA)")
     p.add_argument("--out", type=Path, default=Path("tome-eval-out"),
                    help="output folder (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -141,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
     listing = _listing(args, model) if args.folder else None
     dataset = ImageFiles(listing.samples, _transform(model)) if listing else None
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.combos is not None:
+    if args.opts is not None and not args.combos:
+        raise EvalInputError("--opts needs --combos")
+    if args.combos:
         return _run_combos(args, loaded, model, device, r_values, listing, dataset)
     return _run_sweep(args, loaded, model, device, r_values, listing, dataset)
 
@@ -254,7 +258,7 @@ def _print_scale(folder: FolderRun | None) -> None:
 
 
 def _run_combos(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:
-    rows = combine.parse_optimisations(args.combos or combine.default_optimisations(device), device)
+    rows = combine.parse_optimisations(args.opts or combine.default_optimisations(device), device)
     images = _timing_images(args, model, dataset).to(device)
     limits = combine.recompile_limits(len(model.blocks), r_values, rows)
     with torch._dynamo.config.patch(**limits):
