@@ -211,3 +211,17 @@ def test_module_entry_point_runs(tmp_path):
                             timeout=120, check=False)
     assert result.returncode == 0
     assert "--combos" in result.stdout and "labels.tsv" in result.stdout
+
+
+def test_wordnet_folders_with_an_imagenet_sized_model_and_limit(tmp_path):
+    for i, wnid in enumerate(["n01440764", "n01443537", "n15075141"]):
+        for j in range(2):
+            solid_image(tmp_path / "val" / wnid / f"{j}.JPEG", BASES[i])
+    args = ["--model", "vit_tiny_patch16_224", "--weights", "random", "--workers", "0", "--no-progress",
+            "--model-kwargs", json.dumps({"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}),
+            "--timing-rounds", "0", "--r", "2", "--limit", "5", "--no-plot", "--out", str(tmp_path / "out")]
+    assert run_eval([str(tmp_path / "val"), *args]) == 0
+    info = json.loads((tmp_path / "out" / "sweep.json").read_text())["info"]
+    assert info["layout"] == "WordNet-id class folders" and info["images"] == 5
+    labels = [row["label"] for row in read_csv(tmp_path / "out" / "sweep_images.csv")]
+    assert labels == ["0", "0", "1", "1", "999"]
