@@ -101,7 +101,8 @@ def test_client_that_hangs_up_is_dropped_from_the_queue(url: str) -> None:
         dropped = await wait_for_depth(url, r, 0, timeout=DEADLINE_S)
         return dropped - hung_up
 
-    assert asyncio.run(scenario()) < DEADLINE_S - 0.3  # dropped on hang-up, well before its deadline
+    # The deadline alone would remove it about 0.9 s after the hang-up; the hang-up removes it at once.
+    assert asyncio.run(scenario()) < 0.5
     time.sleep(0.2)
     assert metric(url, "tome_requests_total", model=MODEL, r=str(r), code="499") == 1
     assert metric(url, "tome_images_total", model=MODEL, r=str(r)) == 0
