@@ -158,7 +158,7 @@ def classify_directly(base_url: str, image: Path, r: int) -> httpx.Response:
         )
 
 
-UPLOAD_LIMIT = 8192  # bytes: the synthetic photos are ~2 KB as PNG, a noise image is far larger
+UPLOAD_LIMIT = 64 * 1024  # bytes: the bundled samples are < 30 KB, a 256x256 noise PNG is ~190 KB
 
 
 @pytest.fixture(scope="module")
@@ -293,13 +293,16 @@ def test_rejected_upload_shows_the_servers_reason(
         assert text(driver, "tokens") == "–"
 
 
-def test_accessibility_smoke(server: str, tmp_path: Path) -> None:
-    photo = make_photo(tmp_path / "shapes.png")
+def test_bundled_sample_from_the_keyboard_and_accessibility_smoke(server: str) -> None:
     with chromium() as driver, screenshot_on_exit(driver, "demo-browser-a11y"):
         driver.get(server + "/")
         wait_until_models_loaded(driver)
-        driver.find_element(By.ID, "file-input").send_keys(str(photo))
-        wait_for(driver, merge_image_loaded, "the merge map")
+        sample = driver.find_element(By.CSS_SELECTOR, "button.sample")
+        sample.send_keys(Keys.ENTER)
+        wait_for(driver, merge_image_loaded, "the merge map of the sample")
+        assert sample.get_attribute("aria-pressed") == "true"
+        assert len(shown_scores(driver)) == 5
+        assert text(driver, "status").startswith(sample.get_attribute("data-src").rsplit("/", 1)[-1])
         # After a result is shown, so that the images the page adds at run time are covered too.
         unlabeled = driver.execute_script(
             "return [...document.querySelectorAll('input, select, textarea, button')]"

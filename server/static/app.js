@@ -182,7 +182,8 @@
       model.depth ? `${model.depth} blocks` : "",
       model.device,
       model.dtype,
-      `weights: ${String(model.weights || "?").split("/").pop()}`,
+      // A file's path, possibly followed by a remark in parentheses that the notes repeat anyway.
+      `weights: ${String(model.weights || "?").split(" (")[0].split("/").pop()}`,
     ].filter(Boolean);
     ui.modelMeta.textContent = facts.join(" · ");
 
@@ -311,7 +312,9 @@
     ui.merge.alt = `Merge map of ${name} at r=${r}: patches merged into the same token share one colour`;
     ui.merge.hidden = false;
     ui.mergePlaceholder.hidden = true;
-    ui.mergeCaption.textContent = `Merge map at r=${r}: patches merged into one token share a colour`;
+    const size = currentModel()?.input_size?.slice(-2).join("×");
+    ui.mergeCaption.textContent = `Merge map at r=${r} on the ${size ? `${size} ` : ""}model input: ` +
+      "patches merged into one token share a colour";
 
     const tokens = result.tokens || {};
     ui.tokens.textContent = `${tokens.input ?? "?"} → ${tokens.output ?? "?"}`;
@@ -393,9 +396,13 @@
 
   // ---------- choosing an image ----------
 
-  function useFile(file) {
+  function useFile(file, sample = null) {
     if (!file) return;
     state.file = file;
+    for (const button of document.querySelectorAll("button.sample")) {
+      button.setAttribute("aria-pressed", String(button === sample));
+    }
+    if (sample) ui.fileInput.value = ""; // the file chooser would otherwise name an older file
     clearResults();
     clearError();
     if (state.originalUrl) URL.revokeObjectURL(state.originalUrl);
@@ -422,7 +429,7 @@
       const response = await fetch(src);
       if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
       const blob = await response.blob();
-      useFile(new File([blob], src.split("/").pop(), { type: blob.type || "image/jpeg" }));
+      useFile(new File([blob], src.split("/").pop(), { type: blob.type || "image/jpeg" }), button);
     } catch (err) {
       showError(`Could not load the sample image (${err.message}).`);
     }
