@@ -254,7 +254,7 @@ def _run_sweep(args, loaded: LoadedModel, model, device, r_values, listing, data
 def _print_scale(folder: FolderRun | None) -> None:
     if folder is not None and folder.cosine_between_images is not None:
         print(f"For scale: two different images have mean cosine {folder.cosine_between_images:.4f} at r=0 "
-              f"(pairs among the first {SCALE_SAMPLE} images).")
+              f"(pairs among up to {SCALE_SAMPLE} images spread over the folder).")
 
 
 def _run_combos(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:

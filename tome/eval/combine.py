@@ -186,8 +186,8 @@ def _graphs_compiled() -> int:
 
 
 def recompile_limits(depth: int, r_values: list[int], rows: list[Optimisation]) -> dict[str, int]:
-    """Dynamo limits big enough for every block's graph at every r and compiled row (its default of 8
-    entries per code object would silently fall back to eager after the first few blocks)."""
+    """Dynamo limits big enough for a graph per r, batch size and compiled row. Past its default of 8
+    entries per code object dynamo silently runs the rest eagerly, which would corrupt the timing."""
     compiled = sum(1 for row in rows if row.compile) or 1
     limit = max(8, 4 * depth * len(r_values) * compiled)
     return {"recompile_limit": limit, "accumulated_recompile_limit": max(256, 16 * limit)}

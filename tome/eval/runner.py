@@ -14,7 +14,7 @@ import tome
 import tome.timing
 
 from .data import Batch, ImageFiles, batches
-from .metrics import Outputs, Tally
+from .metrics import Outputs, Tally, cosine
 
 Variant = Callable[[torch.Tensor], Outputs]
 """One way of running the model: images [B, 3, H, W] on the device -> outputs."""
@@ -44,9 +44,9 @@ def outputs_at(
 ) -> Variant:
     """``forward`` at merge schedule ``r`` as a :data:`Variant`.
 
-    The merging context is entered outside ``forward``, so a compiled ``forward`` needs no
-    context-variable writes inside the graph (torch.compile cannot trace those); dynamo guards on the
-    r it reads and keeps one graph per r and input shape.
+    The merging context is entered outside ``forward``: torch.compile cannot trace
+    ``ContextVar.set``, so entering it inside a compiled ``forward`` would only add a graph break.
+    Dynamo guards on the r that the patched model reads, so it keeps graphs per r and input shape.
     """
 
     def run(images: torch.Tensor) -> Outputs:
@@ -69,8 +69,7 @@ class PerImage:
     def add(self, key: Hashable, out: Outputs, reference: Outputs) -> None:
         if out.top1 is not None:
             self.top1.setdefault(key, []).extend(out.top1.tolist())
-        cos = torch.nn.functional.cosine_similarity(out.features, reference.features, dim=-1, eps=1e-12)
-        self.cosine.setdefault(key, []).extend(cos.tolist())
+        self.cosine.setdefault(key, []).extend(cosine(out.features, reference.features).tolist())
 
 
 @dataclass
@@ -80,8 +79,8 @@ class FolderRun:
     """Listing positions of the files that failed to decode."""
     per_image: PerImage
     cosine_between_images: float | None = None
-    """Mean cosine between the reference features of different images (the first
-    :data:`SCALE_SAMPLE`): the scale against which a cosine to r=0 is small or large."""
+    """Mean cosine between the reference features of different images (up to :data:`SCALE_SAMPLE`
+    spread evenly over the listing): the scale against which a cosine to r=0 is small or large."""
 
 
 SCALE_SAMPLE = 256
@@ -113,14 +112,15 @@ def evaluate(
     per_image = PerImage()
     unreadable: list[int] = []
     sample: list[torch.Tensor] = []
+    # Spread over the listing, so sorted class folders do not make the pairs mostly same-class ones.
+    step = max(1, -(-len(dataset) // SCALE_SAMPLE))
     with tqdm(total=len(dataset), unit="img", disable=not progress, desc="evaluating") as bar, \
             torch.inference_mode():
         for batch in batches(dataset, batch_size, workers):
             unreadable += batch.unreadable
             if len(batch.images):
                 ref = _run_batch(variants, reference, batch, device, tallies, per_image)
-                if sum(len(f) for f in sample) < SCALE_SAMPLE:
-                    sample.append(ref.features)
+                sample.append(ref.features[(batch.indices % step == 0).to(ref.features.device)])
             bar.update(len(batch.images) + len(batch.unreadable))
             if batch.unreadable:
                 bar.set_postfix(unreadable=len(unreadable))
