@@ -293,6 +293,34 @@ def test_rejected_upload_shows_the_servers_reason(
         assert text(driver, "tokens") == "–"
 
 
+# A full queue is hard to provoke on cue, so the browser answers /classify the way the server does then.
+ANSWER_QUEUE_FULL = """
+const realFetch = window.fetch;
+window.fetch = async (url, options) => {
+  if (!String(url).startsWith("classify")) return realFetch(url, options);
+  const body = JSON.stringify({detail: "the queue for model m at r=3 is full; retry later"});
+  return new Response(body, {status: 429, headers: {"Content-Type": "application/json", "Retry-After": "2"}});
+};
+"""
+
+
+def test_queue_full_answer_reads_as_advice(server: str, tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "shapes.png")
+    with chromium() as driver, screenshot_on_exit(driver, "demo-browser-429"):
+        driver.get(server + "/")
+        wait_until_models_loaded(driver)
+        driver.find_element(By.ID, "file-input").send_keys(str(photo))
+        wait_for(driver, merge_image_loaded, "the first result")
+        driver.execute_script(ANSWER_QUEUE_FULL)
+        driver.find_element(By.ID, "r-slider").send_keys(Keys.ARROW_LEFT)
+        wait_for(driver, lambda d: d.find_element(By.ID, "error").is_displayed(), "an error message")
+        expected = "Error 429: the queue for model m at r=3 is full; retry later. Try again in 2 s."
+        assert text(driver, "error") == expected
+        # The last good result stays visible, marked as out of date.
+        assert "stale" in driver.find_element(By.ID, "results").get_attribute("class")
+        assert len(shown_scores(driver)) == 5
+
+
 def test_bundled_sample_from_the_keyboard_and_accessibility_smoke(server: str) -> None:
     with chromium() as driver, screenshot_on_exit(driver, "demo-browser-a11y"):
         driver.get(server + "/")

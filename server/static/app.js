@@ -77,15 +77,17 @@
     } catch {
       // not JSON (a proxy error page, say): fall back to the status line
     }
-    let message = detail || `${response.status} ${response.statusText}`.trim();
+    const message = detail || `${response.status} ${response.statusText}`.trim();
+    const advice = [];
     if (response.status === 401) {
-      message += ". This server requires an API key: enter it under “API key”.";
+      advice.push("This server requires an API key: enter it under “API key”.");
       ui.auth.open = true;
     } else if (response.status === 429) {
       const retry = response.headers.get("Retry-After");
-      message += retry ? ` Try again in ${retry} s.` : " Try again shortly.";
+      advice.push(retry ? `Try again in ${retry} s.` : "Try again shortly.");
     }
-    return new ApiError(`Error ${response.status}: ${message}`);
+    const full = advice.length ? [message.replace(/[.!?]?$/, "."), ...advice].join(" ") : message;
+    return new ApiError(`Error ${response.status}: ${full}`);
   }
 
   async function request(path, options = {}) {
