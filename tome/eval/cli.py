@@ -213,7 +213,10 @@ def _check_any_readable(listing: Listing | None, unreadable: list[str]) -> None:
         raise EvalInputError(f"none of the {len(unreadable)} images could be decoded")
 
 
-def _run_sweep(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:
+def _run_sweep(
+    args: argparse.Namespace, loaded: LoadedModel, model: nn.Module, device: torch.device,
+    r_values: list[int], listing: Listing | None, dataset: ImageFiles | None,
+) -> int:
     folder = None
     if dataset is not None:
         folder = evaluate(sweep.sweep_variants(model, r_values), 0, dataset, args.batch_size, args.workers,
@@ -257,7 +260,10 @@ def _print_scale(folder: FolderRun | None) -> None:
               f"(pairs among up to {SCALE_SAMPLE} images spread over the folder).")
 
 
-def _run_combos(args, loaded: LoadedModel, model, device, r_values, listing, dataset) -> int:
+def _run_combos(
+    args: argparse.Namespace, loaded: LoadedModel, model: nn.Module, device: torch.device,
+    r_values: list[int], listing: Listing | None, dataset: ImageFiles | None,
+) -> int:
     rows = combine.parse_optimisations(args.opts or combine.default_optimisations(device), device)
     images = _timing_images(args, model, dataset).to(device)
     limits = combine.recompile_limits(len(model.blocks), r_values, rows)
