@@ -8,6 +8,7 @@ A screenshot of each test's final page is written to ``artifacts/`` for people t
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import time
@@ -34,7 +35,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from serverutil import run_server  # noqa: E402
+from serverutil import TINY_MODEL_KWARGS, run_server  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 WAIT_S = 90  # the CPU is shared with other test runs; a tiny model still answers in well under a second
@@ -377,3 +378,30 @@ def test_api_key_typed_into_the_page_is_sent(tmp_path: Path) -> None:
         assert len(shown_scores(driver)) == 5
         assert driver.execute_script("return sessionStorage.getItem('tome-serve.api-key')") == "demo-secret"
         assert driver.execute_script("return localStorage.length") == 0, "the key must not outlive the tab"
+
+
+def test_model_without_classifier_head_shows_its_merge_map(tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "shapes.png")
+    backbone = {"TOME_MODEL_KWARGS": json.dumps({**TINY_MODEL_KWARGS, "num_classes": 0})}
+    with (
+        run_server(env=backbone) as base_url,
+        chromium() as driver,
+        screenshot_on_exit(driver, "demo-browser-backbone"),
+    ):
+        driver.get(base_url + "/")
+        wait_until_models_loaded(driver)
+        driver.find_element(By.ID, "file-input").send_keys(str(photo))
+        wait_for(driver, merge_image_loaded, "the merge map")
+        r = shown_r(driver)
+        with photo.open("rb") as handle:
+            direct = httpx.post(
+                f"{base_url}/visualize", params={"r": r}, files={"file": (photo.name, handle)}, timeout=WAIT_S
+            )
+        headers = direct.headers
+        assert (
+            text(driver, "tokens") == f"{headers['x-tome-tokens-input']} → {headers['x-tome-tokens-output']}"
+        )
+        assert text(driver, "inference-ms").endswith("ms") and text(driver, "total-ms").endswith("ms")
+        assert "no classifier head" in text(driver, "predictions")
+        assert "no classifier head" in text(driver, "weights-note")
+        assert not driver.find_element(By.ID, "error").is_displayed()

@@ -111,12 +111,6 @@
 
   // ---------- /models ----------
 
-  function modelList(payload) {
-    if (Array.isArray(payload)) return payload;
-    if (payload && Array.isArray(payload.models)) return payload.models;
-    return [];
-  }
-
   function currentModel() {
     return state.models.find((m) => m.name === ui.modelSelect.value) || null;
   }
@@ -143,7 +137,7 @@
     setStatus("Loading models…");
     try {
       const payload = await (await request("models")).json();
-      state.models = modelList(payload);
+      state.models = Array.isArray(payload.models) ? payload.models : [];
     } catch (err) {
       showError(err.message);
       setStatus("Could not load the models.");
@@ -190,10 +184,13 @@
     ui.modelMeta.textContent = facts.join(" · ");
 
     const notes = [];
-    if (String(model.weights || "").toLowerCase() === "random") {
+    const random = String(model.weights || "").toLowerCase() === "random";
+    if (!hasClassifier(model)) {
+      notes.push("This model has no classifier head: the page shows its merge map only.");
+      if (random) notes.push("Its weights are random, so the merges are those of an untrained model.");
+    } else if (random) {
       notes.push("This model has random weights, so its predictions are meaningless; the merge map and timings are real.");
     }
-    if (!hasClassifier(model)) notes.push("This model has no classifier head: the page shows its merge map only.");
     notes.push(...(Array.isArray(model.notes) ? model.notes.filter((note) => !/num_classes=0/.test(note)) : []));
     ui.weightsNote.hidden = notes.length === 0;
     ui.weightsNote.textContent = notes.join(" ");
@@ -244,6 +241,7 @@
     setStatus(`Running ${model.name} at r=${r} on ${file.name || "the image"}…`);
     try {
       const params = { model: model.name, r: String(r) };
+      const started = performance.now();
       const classify = hasClassifier(model)
         ? postImage("classify", { ...params, top_k: String(TOP_K) }, file, controller.signal).then((res) => res.json())
         : Promise.resolve(null);
@@ -256,7 +254,8 @@
       ]);
       if (!isCurrent()) return;
       clearError();
-      renderResult(classified ?? resultFromHeaders(merged.headers, r), merged.blob, r, file);
+      const result = classified ?? resultFromHeaders(merged.headers, r, performance.now() - started);
+      renderResult(result, merged.blob, r, file);
     } catch (err) {
       if (!isCurrent() || err.name === "AbortError") return;
       controller.abort(); // the sibling request is useless now
@@ -268,8 +267,9 @@
     }
   }
 
-  // A model without a classifier head only has /visualize, which reports its numbers in headers.
-  function resultFromHeaders(headers, r) {
+  // A model without a classifier head only has /visualize, which reports its numbers in headers
+  // but not its total latency: the browser's round trip stands in for it, and says so.
+  function resultFromHeaders(headers, r, roundTripMs) {
     const timing = {};
     for (const part of (headers.get("Server-Timing") || "").split(",")) {
       const match = part.trim().match(/^(\w+);dur=([\d.]+)/);
@@ -282,7 +282,8 @@
       predictions: null,
       tokens: { input: count("X-Tome-Tokens-Input"), output: count("X-Tome-Tokens-Output") },
       batch_size: count("X-Tome-Batch-Size"),
-      timing_ms: timing,
+      timing_ms: { ...timing, total: roundTripMs },
+      totalFromBrowser: true,
     };
   }
 
@@ -323,7 +324,10 @@
     const timing = result.timing_ms || {};
     ui.inferenceMs.textContent = timing.inference != null ? `${formatNumber(timing.inference)} ms` : "–";
     ui.totalMs.textContent = timing.total != null ? `${formatNumber(timing.total)} ms` : "–";
-    ui.queueMs.textContent = timing.queue != null ? `of which queued ${formatNumber(timing.queue)} ms` : "";
+    const queued = timing.queue != null ? `of which queued ${formatNumber(timing.queue)} ms` : "";
+    ui.queueMs.textContent = [result.totalFromBrowser ? "round trip seen by the browser" : "", queued]
+      .filter(Boolean)
+      .join("; ");
     ui.batch.textContent = result.batch_size ? `batch of ${result.batch_size}` : "";
 
     if (result.predictions === null) {
