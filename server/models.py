@@ -70,12 +70,16 @@ def input_tokens(model: nn.Module) -> int:
 
 
 def largest_useful_r(model: nn.Module) -> int:
-    """The smallest r that merges as much as any larger r: every layer's r is capped at half the
-    tokens that may merge, so beyond this value r no longer changes ``tome.token_counts``."""
+    """The smallest r whose output is down to the fewest tokens merging can leave.
+
+    Larger r would still merge more in the early layers, but it cannot shrink the output further
+    and the result is no longer a useful picture of the image (ViT-S/16 at 224 px: 24, where the
+    cap of half the mergeable tokens per layer would allow up to 98).
+    """
     tokens, depth, prefix = input_tokens(model), len(model.blocks), model.num_prefix_tokens
-    saturated = tome.token_counts(tokens, depth, tokens, prefix)
+    floor = tome.token_counts(tokens, depth, tokens, prefix)[-1]
     r = 0
-    while tome.token_counts(tokens, depth, r, prefix) != saturated:
+    while tome.token_counts(tokens, depth, r, prefix)[-1] != floor:
         r += 1
     return r
 

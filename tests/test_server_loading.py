@@ -52,13 +52,14 @@ def test_random_weights_are_seeded_patched_and_described() -> None:
     assert costs[16].output_tokens == tome.token_counts(65, 4, 16)[-1]
 
 
-def test_largest_useful_r_is_where_token_counts_stop_changing() -> None:
+def test_largest_useful_r_is_where_the_output_stops_shrinking() -> None:
     model = tiny()
     r_max = largest_useful_r(model)
-    assert tome.token_counts(65, 4, r_max) == tome.token_counts(65, 4, 1000)
-    assert tome.token_counts(65, 4, r_max - 1) != tome.token_counts(65, 4, r_max)
-    base = timm.create_model("vit_base_patch16_224", pretrained=False, depth=1)  # 197 tokens
-    assert largest_useful_r(base) == 98
+    assert tome.token_counts(65, 4, r_max)[-1] == tome.token_counts(65, 4, 1000)[-1]
+    assert tome.token_counts(65, 4, r_max - 1)[-1] > tome.token_counts(65, 4, r_max)[-1]
+    small = timm.create_model("vit_small_patch16_224", pretrained=False)  # 197 tokens, 12 blocks
+    assert largest_useful_r(small) == 24
+    assert tome.token_counts(197, 12, 24)[-1] == 2
 
 
 def test_max_r_caps_the_range_and_the_default() -> None:
