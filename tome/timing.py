@@ -32,16 +32,19 @@ def interleaved_seconds(
     """Median seconds per call of each variant, timing them in turn in every round.
 
     Interleaving spreads slow drifts of the machine (thermal, other load) over all variants
-    instead of biasing whichever ran last.
+    instead of biasing whichever ran last, and each round starts with a different variant so no
+    variant always runs right after the same neighbour.
     """
+    names = list(variants)
     with torch.inference_mode():
         for fn in variants.values():
             for _ in range(warmup):
                 fn()
-        samples: dict[str, list[float]] = {name: [] for name in variants}
+        samples: dict[str, list[float]] = {name: [] for name in names}
         for i in range(rounds):
-            for name, fn in variants.items():
-                samples[name].append(time_call(fn, device))
+            start = i % len(names)
+            for name in names[start:] + names[:start]:
+                samples[name].append(time_call(variants[name], device))
             if on_round is not None:
                 on_round(i)
     return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
