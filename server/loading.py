@@ -9,15 +9,12 @@ Any problem raises :class:`StartupError` with a message that says what to do abo
 from __future__ import annotations
 
 import logging
-import pickle
-import sys
-from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
 import tome
+import tome.weights
 
 from .config import Settings
 from .labels import class_labels
@@ -25,10 +22,6 @@ from .models import LoadedModel, input_tokens, largest_useful_r, r_costs
 from .preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
-
-RANDOM_SEED = 0
-"""``--weights random`` is seeded, so every process serves the same random model."""
-
 
 class StartupError(RuntimeError):
     """A model cannot be served; the message tells the operator how to fix it."""
@@ -49,8 +42,6 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_model(name: str, settings: Settings) -> LoadedModel:
     """Create, load, patch and describe one model (not yet warmed: its worker does that)."""
     device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
-    if not timm.is_model(name):
-        raise StartupError(f"timm has no model named {name!r} (see timm.list_models())")
     module, weights, notes = _create(name, settings.weights, settings.model_kwargs)
     try:
         tome.patch(module)
@@ -81,28 +72,13 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
 
 
 def _create(name: str, weights: str, kwargs: dict) -> tuple[nn.Module, str, list[str]]:
-    if weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            return _timm_model(name, False, kwargs), "random", []
-    if weights == "pretrained":
-        return _pretrained(name, kwargs), "pretrained", []
-    return _from_file(name, Path(weights).expanduser(), kwargs)
-
-
-def _timm_model(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise StartupError(f"TOME_MODEL_KWARGS {kwargs} do not fit {name}: {exc}") from exc
-
-
-def _pretrained(name: str, kwargs: dict) -> nn.Module:
-    try:
-        return _timm_model(name, True, kwargs)
-    except StartupError:
-        raise
+        built = tome.weights.create(name, weights, kwargs)
+    except tome.weights.WeightsError as exc:
+        raise StartupError(str(exc)) from exc
     except Exception as exc:  # the hub client raises many kinds of network and cache errors
+        if weights != "pretrained":
+            raise
         raise StartupError(
             f"could not obtain pretrained weights for {name} ({type(exc).__name__}: {exc}).\n"
             "Without network access, either\n"
@@ -110,78 +86,11 @@ def _pretrained(name: str, kwargs: dict) -> nn.Module:
             "  - point --weights / TOME_WEIGHTS at a local .safetensors (preferred) or .pth file, or\n"
             "  - pass --weights random to try the API with untrained weights (predictions are meaningless)."
         ) from exc
-
-
-def _from_file(name: str, path: Path, kwargs: dict) -> tuple[nn.Module, str, list[str]]:
-    if not path.is_file():
-        raise StartupError(
-            f"--weights {path}: no such file. Use 'pretrained', 'random' or the path of a weights file."
-        )
-    state = read_state_dict(path)
-    module = _timm_model(name, False, kwargs)
-    state = _fit_to_model(module, state)
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise StartupError(f"{path} does not fit {name} {kwargs or ''}: {exc}") from exc
-    head = _classifier_prefixes(module)
-    body_missing = [key for key in missing if not key.startswith(head)]
-    if unexpected or body_missing:
-        raise StartupError(
-            f"{path} does not fit {name} {kwargs or ''}: "
-            f"missing {body_missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    if missing:
-        return module, f"{path} (no classifier head in the file: head is random)", [
-            f"{path} has no weights for the classifier head ({', '.join(missing)}); the head is random, so "
-            "/classify predictions are meaningless. Merge maps (/visualize) use the loaded backbone. "
-            "Pass --model-kwargs '{\"num_classes\": 0}' to serve the backbone without a head."
-        ]
-    return module, str(path), []
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state_dict from a safetensors file, or a torch file that holds only tensors."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise StartupError(f"{path} is not a readable safetensors file: {exc}") from exc
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise StartupError(
-            f"{path} holds Python objects besides tensors, which this server refuses to unpickle "
-            "(weights_only=True). Save a plain state_dict, or better, a safetensors file. "
-            f"({str(exc).splitlines()[0]})"
-        ) from exc
-    except Exception as exc:
-        raise StartupError(f"{path} is not a readable torch file: {exc}") from exc
-    return _unwrap(state, path)
-
-
-def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
-    # Training checkpoints wrap the weights; DataParallel prefixes every key with 'module.'.
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise StartupError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
-def _fit_to_model(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply the model family's own checkpoint filter (key renames, position-embedding resampling
-    to the model's image size), as timm does for pretrained weights."""
-    family = sys.modules.get(type(module).__module__)
-    filter_fn = getattr(family, "checkpoint_filter_fn", None)
-    return filter_fn(state, module) if filter_fn is not None else state
-
-
-def _classifier_prefixes(module: nn.Module) -> tuple[str, ...]:
-    names = module.pretrained_cfg.get("classifier", "head")
-    names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{name}." for name in names)
+    if not built.missing_head:
+        return built.model, built.source, []
+    path = built.source
+    return built.model, f"{path} (no classifier head in the file: head is random)", [
+        f"{path} has no weights for the classifier head ({', '.join(built.missing_head)}); the head is "
+        "random, so /classify predictions are meaningless. Merge maps (/visualize) use the loaded "
+        "backbone. Pass --model-kwargs '{\"num_classes\": 0}' to serve the backbone without a head."
+    ]

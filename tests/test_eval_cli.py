@@ -201,7 +201,7 @@ def test_bad_weights_and_options_are_usage_errors(tmp_path, capsys, colour_model
                        "not valid JSON")
     expect_usage_error([folder, *model_args(weights), "--opts", "int8"], capsys, "--opts needs --combos")
     wrong = write_weights(tmp_path / "wide.safetensors", tiny_model(num_classes=3))
-    expect_usage_error([folder, *model_args(wrong)], capsys, "does not fit this model")
+    expect_usage_error([folder, *model_args(wrong)], capsys, "does not fit")
     expect_usage_error([folder, "--model", "resnet18", "--weights", "random", "--workers", "0"], capsys,
                        "cannot be patched")
 

@@ -113,7 +113,7 @@ def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_file_and_unsupported_models_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(StartupError, match="no such file"):
+    with pytest.raises(StartupError, match="does not exist"):
         load_model(NAME, settings(str(tmp_path / "absent.safetensors")))
     with pytest.raises(StartupError, match="cannot be served with token merging"):
         load_model("resnet18", settings(model_kwargs={}))

@@ -1,0 +1,67 @@
+"""Model creation with random, file and hub weights (the hub itself is unreachable in tests)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tome_models import TINY
+
+from tome.weights import WeightsError, create
+
+NAME, KWARGS = "vit_tiny_patch16_224", dict(TINY, img_size=32, num_classes=5)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_random_weights_are_seeded():
+    first, second = create(NAME, "random", KWARGS), create(NAME, "random", KWARGS)
+    assert first.source == "random" and _same(first.model, second.model)
+    assert not _same(first.model, create(NAME, "random", KWARGS, seed=1).model)
+
+
+def test_training_checkpoint_wrappers_and_prefixes_are_unwrapped(tmp_path):
+    source = create(NAME, "random", KWARGS, seed=3).model
+    wrapped = {"epoch": 7, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "ckpt.pth")
+    built = create(NAME, str(tmp_path / "ckpt.pth"), KWARGS)
+    assert built.source == str(tmp_path / "ckpt.pth") and built.missing_head == []
+    assert _same(built.model, source)
+
+
+def test_a_backbone_file_loads_and_reports_the_missing_head(tmp_path):
+    source = create(NAME, "random", KWARGS, seed=3).model
+    save_file({k: v for k, v in source.state_dict().items() if not k.startswith("head.")},
+              tmp_path / "backbone.safetensors")
+    built = create(NAME, str(tmp_path / "backbone.safetensors"), KWARGS)
+    assert sorted(built.missing_head) == ["head.bias", "head.weight"]
+    assert torch.equal(built.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"not a checkpoint", "cannot read weights"),
+        ({"weights": torch.zeros(1), "config": Path("config.yaml")}, "weights_only"),
+        ({"blocks.99.mlp.fc1.weight": torch.zeros(1)}, "does not fit"),
+    ],
+)
+def test_bad_weight_files_are_refused_with_a_reason(tmp_path, content, message):
+    path = tmp_path / "weights.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(WeightsError, match=message):
+        create(NAME, str(path), KWARGS)
+
+
+def test_unknown_models_and_bad_kwargs_are_refused():
+    with pytest.raises(WeightsError, match="no model named"):
+        create("vit_does_not_exist", "random", {})
+    with pytest.raises(WeightsError, match="cannot create"):
+        create(NAME, "random", {"no_such_kwarg": 1})
