@@ -152,7 +152,9 @@ def _plot(rows: list[Row], path: Path, machine: str) -> None:
         points = [row for row in merged if row.r == r]
         right.plot([p.batch_size for p in points], [p.speedup for p in points], marker="o", label=f"r={r}")
     right.axhline(1.0, color="grey", linewidth=0.8)
-    right.set(xlabel="batch size", ylabel="speedup vs timm", title="Speedup vs batch size", xscale="log")
+    right.set_xscale("log", base=2)
+    right.set_xticks(batches, [str(b) for b in batches])
+    right.set(xlabel="batch size", ylabel="speedup vs timm", title="Speedup vs batch size")
     right.legend()
     fig.suptitle(f"{rows[0].model}, {rows[0].dtype}, {machine}", fontsize=9)
     fig.tight_layout()

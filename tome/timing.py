@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 
@@ -32,18 +33,19 @@ def interleaved_seconds(
     """Median seconds per call of each variant, timing them in turn in every round.
 
     Interleaving spreads slow drifts of the machine (thermal, other load) over all variants
-    instead of biasing whichever ran last, and each round starts with a different variant so no
-    variant always runs right after the same neighbour.
+    instead of biasing whichever ran last, and every round runs them in a new random order (seeded,
+    so runs repeat) because a variant can leave the caches and the allocator in a state that helps
+    or hurts whichever runs next.
     """
     names = list(variants)
+    order = random.Random(0)
     with torch.inference_mode():
         for fn in variants.values():
             for _ in range(warmup):
                 fn()
         samples: dict[str, list[float]] = {name: [] for name in names}
         for i in range(rounds):
-            start = i % len(names)
-            for name in names[start:] + names[:start]:
+            for name in order.sample(names, len(names)):
                 samples[name].append(time_call(variants[name], device))
             if on_round is not None:
                 on_round(i)
