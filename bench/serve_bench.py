@@ -355,13 +355,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", default=None, help="image to send (default: synthetic)")
     parser.add_argument("--image-size", type=int, default=320, help="side of the synthetic image")
     parser.add_argument("--url", default=None, help="use this running server instead of starting one")
-    parser.add_argument(
-        "--client-nice",
-        type=int,
-        default=0,
-        help="raise this process's niceness after starting the server, so co-located clients take "
-        "only the CPU the server leaves (remote clients take none)",
-    )
     parser.add_argument("--out", default="artifacts/serve_bench.json")
     return parser.parse_args(argv)
 
@@ -381,8 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     image, payload = test_image(args.image, args.image_size)
     process, url = (None, args.url) if args.url else start_server(args)
-    if args.client_nice:
-        os.nice(args.client_nice)
     try:
         info = httpx.get(f"{url}/models", headers=headers).json()["models"][0]
         model = info["name"]
