@@ -264,6 +264,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "TOME_MAX_DELAY_MS": str(args.max_delay_ms),
         "TOME_MAX_QUEUE": str(args.max_queue),
         "TOME_REQUEST_TIMEOUT_MS": str(args.request_timeout_ms),
+        "TOME_INSTANCES": str(args.instances),
         "TOME_LOG_LEVEL": "warning",
     }
     process = subprocess.Popen([sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env)
@@ -342,6 +343,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument(
+        "--instances", type=int, default=1, help="server TOME_INSTANCES (the direct baseline is one batch "
+        "at a time with all of torch's threads)"
+    )
     parser.add_argument("--request-timeout-ms", type=float, default=10_000)
     parser.add_argument(
         "--concurrency", type=int, default=None, help="saturation clients (default 3 x batch)"

@@ -32,6 +32,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--max-delay-ms", float, "longest wait for a batch to fill (default 5)"),
     ("--max-queue", int, "capacity of each (model, r) queue (default 64)"),
     ("--request-timeout-ms", float, "deadline of a request (default 10000)"),
+    ("--instances", int, "inference threads per model (default 1); 2 on a CPU trades latency for throughput"),
     ("--default-r", int, "r when a request names none (default 16, capped at the model's maximum)"),
     ("--max-r", int, "cap on r (default: each model's own maximum)"),
     ("--log-level", str, "critical, error, warning, info (default) or debug"),

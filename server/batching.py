@@ -33,9 +33,11 @@ class BatchPolicy:
     max_batch_size: int = 8
     max_delay_s: float = 0.005
     max_queue: int = 64
+    max_running: int = 1
+    """Batches of one key that may run at once (one per inference thread that can take them)."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_s < 0:
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_s < 0 or self.max_running < 1:
             raise ValueError(f"invalid batch policy {self}")
 
 
@@ -74,7 +76,8 @@ class Job(Generic[P, R]):
 
 
 Runner = Callable[[K, list[Job[P, R]]], Awaitable[list[R]]]
-"""Computes one batch; returns one result per job, in order. Runs one batch per key at a time."""
+"""Computes one batch; returns one result per job, in order. Runs at most ``max_running`` batches
+of one key at a time."""
 
 
 class _KeyQueue(Generic[K, P, R]):
@@ -126,12 +129,19 @@ class _KeyQueue(Generic[K, P, R]):
         self._on_depth(self.key, len(self._jobs))
 
     async def _loop(self) -> None:
+        running: set[asyncio.Task[None]] = set()
         while True:
+            # A batch is formed only when a runner can take it, so it can still grow meanwhile.
+            while len(running) >= self._policy.max_running:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             batch = await self._next_batch()
             if batch is None:
-                return
+                break
             if batch:
-                await self._run(batch)
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
 
     async def _next_batch(self) -> list[Job[P, R]] | None:
         """Wait for the oldest job, then for more until the batch is full or the oldest's delay is up.

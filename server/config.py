@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     max_r: int | None = Field(None, ge=0, description="cap on r; each model's own maximum otherwise")
     api_key: SecretStr | None = None
     preprocess_threads: int = Field(2, ge=1, description="threads that decode and preprocess images")
+    instances: int = Field(
+        1, ge=1, le=64,
+        description="inference threads per model, each running whole batches; on CPU they split "
+        "torch's threads between them (more throughput, longer batches)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(False, description="log every request (costs throughput)")
 

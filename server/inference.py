@@ -1,9 +1,12 @@
-"""The inference worker: the one thread that runs a model, one batch at a time.
+"""The inference worker: the threads that run a model, one batch per thread at a time.
 
-Each model gets a dedicated thread, so torch's per-call state never crosses threads and batches
-of different r for the same model run one after another instead of fighting over the cores.
-Every batch runs under ``tome.merging(r=...)``, which keeps the merge schedule in a context
-variable of that call, never on the shared model.
+Each model gets its own inference threads (``TOME_INSTANCES``, default one), so batches never
+wait behind the decoding threads or the event loop. Several threads may call the same model at
+once: the weights are only read, and every batch runs under ``tome.merging(r=...)``, which keeps
+the merge schedule and token bookkeeping in context variables of that call, never on the model.
+On a CPU the threads split torch's intra-op threads between them: two single-threaded batches
+side by side lose less to synchronisation, and to a core briefly taken by other work, than one
+batch spread over both cores.
 """
 
 from __future__ import annotations
@@ -49,12 +52,18 @@ class InjectedFault(RuntimeError):
 
 
 class InferenceWorker:
-    """Owns one :class:`LoadedModel` and the single thread that calls it."""
+    """Owns one :class:`LoadedModel` and the ``instances`` threads that call it."""
 
-    def __init__(self, model: LoadedModel, fail_r: int | None = None) -> None:
+    def __init__(self, model: LoadedModel, fail_r: int | None = None, instances: int = 1) -> None:
         self.model = model
         self._fail_r = fail_r
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model.name}")
+        torch_threads = max(1, torch.get_num_threads() // instances)
+        self._thread = ThreadPoolExecutor(
+            max_workers=instances,
+            thread_name_prefix=f"infer-{model.name}",
+            initializer=_use_torch_threads if model.device.type == "cpu" and instances > 1 else None,
+            initargs=(torch_threads,),
+        )
 
     async def run(self, r: int, inputs: list[torch.Tensor], top_k: int, trace_source: bool) -> BatchOutput:
         loop = asyncio.get_running_loop()
@@ -90,6 +99,10 @@ class InferenceWorker:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def _use_torch_threads(count: int) -> None:
+    torch.set_num_threads(count)
 
 
 def _top_k(logits: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:

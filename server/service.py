@@ -59,7 +59,9 @@ class InferenceService:
         self.failure: str | None = None
         self.workers: dict[str, InferenceWorker] = {}
         self._loader = loader
-        policy = BatchPolicy(settings.max_batch_size, settings.max_delay_s, settings.max_queue)
+        policy = BatchPolicy(
+            settings.max_batch_size, settings.max_delay_s, settings.max_queue, max_running=settings.instances
+        )
         self.batcher: Batcher[Key, Work, Answer] = Batcher(policy, self._run_batch, self._record_depth)
         self._prepare_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="prepare")
 
@@ -85,7 +87,8 @@ class InferenceService:
         sizes = tuple(sorted({1, self.settings.max_batch_size}))
         for name in self.settings.model_names:
             log.info("loading %s (weights: %s)", name, self.settings.weights)
-            worker = InferenceWorker(self._loader(name, self.settings), fail_r=self.settings.test_fail_r)
+            model = self._loader(name, self.settings)
+            worker = InferenceWorker(model, self.settings.test_fail_r, self.settings.instances)
             worker.warm(sizes)
             workers[name] = worker
         return workers

@@ -30,6 +30,8 @@ ENV = {
     "TOME_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
     "TOME_MAX_PIXELS": str(PIXEL_LIMIT),
     "TOME_TEST_FAIL_R": str(FAIL_R),
+    # Two inference threads share the model, so mixed-r batches also run side by side.
+    "TOME_INSTANCES": "2",
 }
 
 

@@ -182,3 +182,21 @@ def test_drain_finishes_queued_jobs_and_refuses_new_ones() -> None:
             batcher.check_room("k")
 
     asyncio.run(scenario())
+
+
+def test_batches_of_one_key_run_side_by_side_up_to_max_running() -> None:
+    async def scenario() -> list[int]:
+        runner = Recorder()
+        runner.gate.clear()  # every batch runs until the gate opens
+        policy = BatchPolicy(max_batch_size=2, max_delay_s=0.01, max_queue=100, max_running=2)
+        batcher = Batcher(policy, runner)
+        jobs = submit_all(batcher, "k", list(range(7)))
+        await asyncio.sleep(0.1)
+        running = [len(payloads) for _, payloads, _ in runner.batches]
+        runner.gate.set()
+        await asyncio.gather(*(job.future for job in jobs))
+        await batcher.drain()
+        return running + [len(payloads) for _, payloads, _ in runner.batches]
+
+    # Two batches started while the first was still running; the third waited for a free runner.
+    assert asyncio.run(scenario()) == [2, 2, 2, 2, 2, 1]
