@@ -344,8 +344,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument(
-        "--instances", type=int, default=1, help="server TOME_INSTANCES (the direct baseline is one batch "
-        "at a time with all of torch's threads)"
+        "--instances",
+        type=int,
+        default=1,
+        help="server TOME_INSTANCES (the direct baseline is one batch at a time with all of torch's threads)",
     )
     parser.add_argument("--request-timeout-ms", type=float, default=10_000)
     parser.add_argument(

@@ -27,7 +27,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("--dtype", str, "float32 (default), float16 or bfloat16"),
     ("--host", str, "address to listen on (default 127.0.0.1)"),
     ("--port", int, "port to listen on (default 8000)"),
-    ("--model-kwargs", str, 'JSON object of extra timm.create_model kwargs, e.g. \'{"img_size": 224}\''),
+    ("--model-kwargs", str, "JSON object of extra timm.create_model kwargs, e.g. '{\"img_size\": 224}'"),
     ("--max-batch-size", int, "largest batch (default 8)"),
     ("--max-delay-ms", float, "longest wait for a batch to fill (default 5)"),
     ("--max-queue", int, "capacity of each (model, r) queue (default 64)"),
@@ -45,8 +45,11 @@ def parse_args(argv: list[str] | None) -> dict[str, object]:
         description="Serve timm Vision Transformers accelerated with Token Merging (ToMe) over HTTP. "
         "Every option falls back to the environment variable TOME_<OPTION> (e.g. TOME_MAX_BATCH_SIZE).",
     )
-    choices = {"--device": ["auto", "cpu", "cuda"], "--dtype": ["float32", "float16", "bfloat16"],
-               "--log-level": ["critical", "error", "warning", "info", "debug"]}
+    choices = {
+        "--device": ["auto", "cpu", "cuda"],
+        "--dtype": ["float32", "float16", "bfloat16"],
+        "--log-level": ["critical", "error", "warning", "info", "debug"],
+    }
     for flag, kind, text in _OPTIONS:
         parser.add_argument(flag, type=kind, help=text, choices=choices.get(flag))
     parser.add_argument("--access-log", action="store_true", default=None, help="log every request")

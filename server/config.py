@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     preprocess_threads: int = Field(2, ge=1, description="threads that decode and preprocess images")
     instances: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description="inference threads per model, each running whole batches; on CPU they split "
         "torch's threads between them (more throughput, longer batches)",
     )

@@ -48,8 +48,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise ImageError(415, "the upload is not an image in a format this server can read "
-                              "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...)") from exc
+        raise ImageError(
+            415,
+            "the upload is not an image in a format this server can read "
+            "(JPEG, PNG, WebP, GIF, BMP, TIFF, ...)",
+        ) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(413, f"the image has too many pixels ({exc})") from exc
     except Exception as exc:
@@ -58,8 +61,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise ImageError(422, f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(413, f"the image is {width}x{height} = {width * height} pixels, "
-                              f"more than the limit of {max_pixels}")
+        raise ImageError(
+            413,
+            f"the image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+        )
     return image
 
 

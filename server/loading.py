@@ -23,6 +23,7 @@ from .preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 
+
 class StartupError(RuntimeError):
     """A model cannot be served; the message tells the operator how to fix it."""
 
@@ -89,8 +90,12 @@ def _create(name: str, weights: str, kwargs: dict) -> tuple[nn.Module, str, list
     if not built.missing_head:
         return built.model, built.source, []
     path = built.source
-    return built.model, f"{path} (no classifier head in the file: head is random)", [
-        f"{path} has no weights for the classifier head ({', '.join(built.missing_head)}); the head is "
-        "random, so /classify predictions are meaningless. Merge maps (/visualize) use the loaded "
-        "backbone. Pass --model-kwargs '{\"num_classes\": 0}' to serve the backbone without a head."
-    ]
+    return (
+        built.model,
+        f"{path} (no classifier head in the file: head is random)",
+        [
+            f"{path} has no weights for the classifier head ({', '.join(built.missing_head)}); the head is "
+            "random, so /classify predictions are meaningless. Merge maps (/visualize) use the loaded "
+            "backbone. Pass --model-kwargs '{\"num_classes\": 0}' to serve the backbone without a head."
+        ],
+    )

@@ -21,36 +21,61 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.request_duration = Histogram(
-            "tome_request_duration_seconds", "Time from a request's arrival to its response.",
-            ["model", "r", "endpoint"], buckets=_LATENCY_BUCKETS, registry=reg,
+            "tome_request_duration_seconds",
+            "Time from a request's arrival to its response.",
+            ["model", "r", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
         )
         self.queue_wait = Histogram(
-            "tome_queue_wait_seconds", "Time a request waited in its (model, r) queue before its batch ran.",
-            ["model", "r"], buckets=_LATENCY_BUCKETS, registry=reg,
+            "tome_queue_wait_seconds",
+            "Time a request waited in its (model, r) queue before its batch ran.",
+            ["model", "r"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
         )
         self.inference = Histogram(
-            "tome_inference_seconds", "Forward-pass time of one batch.",
-            ["model", "r"], buckets=_LATENCY_BUCKETS, registry=reg,
+            "tome_inference_seconds",
+            "Forward-pass time of one batch.",
+            ["model", "r"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
         )
         self.batch_size = Histogram(
-            "tome_batch_size", "Images per batch.", ["model", "r"], buckets=_BATCH_BUCKETS, registry=reg,
+            "tome_batch_size",
+            "Images per batch.",
+            ["model", "r"],
+            buckets=_BATCH_BUCKETS,
+            registry=reg,
         )
         self.queue_depth = Gauge(
-            "tome_queue_depth", "Requests waiting in a (model, r) queue.", ["model", "r"], registry=reg,
+            "tome_queue_depth",
+            "Requests waiting in a (model, r) queue.",
+            ["model", "r"],
+            registry=reg,
         )
         self.requests = Counter(
-            "tome_requests_total", "Finished requests by status code.",
-            ["model", "r", "endpoint", "code"], registry=reg,
+            "tome_requests_total",
+            "Finished requests by status code.",
+            ["model", "r", "endpoint", "code"],
+            registry=reg,
         )
         self.images = Counter(
-            "tome_images_total", "Images run through a model.", ["model", "r"], registry=reg,
+            "tome_images_total",
+            "Images run through a model.",
+            ["model", "r"],
+            registry=reg,
         )
         self.tokens_merged = Counter(
-            "tome_tokens_merged_total", "Tokens removed by merging, summed over images.", ["model", "r"],
+            "tome_tokens_merged_total",
+            "Tokens removed by merging, summed over images.",
+            ["model", "r"],
             registry=reg,
         )
         self.model_info = Gauge(
-            "tome_model_info", "Loaded models (value 1).", ["model", "weights", "device", "dtype"],
+            "tome_model_info",
+            "Loaded models (value 1).",
+            ["model", "weights", "device", "dtype"],
             registry=reg,
         )
 

@@ -43,8 +43,11 @@ _IMAGE_BODY = {
         "description": "The image as multipart field 'file' or as the raw body (JPEG, PNG, WebP, GIF, ...)",
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                           "required": ["file"]}
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -201,6 +204,8 @@ def _model_info(model: LoadedModel, default: bool) -> ModelInfo:
         depth=model.depth,
         num_classes=model.num_classes,
         notes=list(model.notes),
-        costs=[RCostInfo(r=c.r, gflops=c.gflops, speedup=c.speedup, output_tokens=c.output_tokens)
-               for c in model.costs],
+        costs=[
+            RCostInfo(r=c.r, gflops=c.gflops, speedup=c.speedup, output_tokens=c.output_tokens)
+            for c in model.costs
+        ],
     )

@@ -48,8 +48,10 @@ class ModelInfo(BaseModel):
     device: str
     dtype: str
     r_min: int
-    r_max: int = Field(description="Largest r accepted: the smallest r that leaves the fewest output "
-                                   "tokens merging can leave, or TOME_MAX_R when that is lower")
+    r_max: int = Field(
+        description="Largest r accepted: the smallest r that leaves the fewest output "
+        "tokens merging can leave, or TOME_MAX_R when that is lower"
+    )
     default_r: int
     input_size: list[int] = Field(description="[channels, height, width] of the model input")
     patch_size: list[int]

@@ -116,6 +116,7 @@ class InferenceService:
 
     async def prepare(self, model: LoadedModel, data: bytes) -> torch.Tensor:
         """Decode and preprocess off the event loop; raises decode.ImageError for bad images."""
+
         def work() -> torch.Tensor:
             return model.preprocessor(decode_image(data, self.settings.max_pixels))
 

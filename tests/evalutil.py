@@ -90,6 +90,18 @@ def labelled_solid_folder(root: Path) -> dict[Path, tuple[int, tuple[int, int, i
 
 
 def model_args(weights: Path, num_classes: int = NUM_CLASSES, **overrides: int) -> list[str]:
-    return ["--model", MODEL, "--weights", str(weights),
-            "--model-kwargs", json.dumps({**TINY, **overrides, "num_classes": num_classes}),
-            "--workers", "0", "--no-progress", "--batch-size", "4", "--timing-rounds", "2"]
+    return [
+        "--model",
+        MODEL,
+        "--weights",
+        str(weights),
+        "--model-kwargs",
+        json.dumps({**TINY, **overrides, "num_classes": num_classes}),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--timing-rounds",
+        "2",
+    ]

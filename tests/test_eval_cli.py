@@ -153,12 +153,15 @@ def expect_usage_error(args: list[str], capsys, *fragments: str) -> None:
 def test_r_out_of_range_is_a_usage_error(tmp_path, capsys, colour_model):
     _, weights = colour_model
     labelled_solid_folder(tmp_path / "data")
-    expect_usage_error([str(tmp_path / "data"), *model_args(weights), "--r", "9"], capsys,
-                       "r=9 is out of range", "0..8")
-    expect_usage_error([str(tmp_path / "data"), *model_args(weights), "--r", "-2"], capsys,
-                       "must not be negative")
-    expect_usage_error([str(tmp_path / "data"), *model_args(weights), "--r", "four"], capsys,
-                       "comma-separated integers")
+    expect_usage_error(
+        [str(tmp_path / "data"), *model_args(weights), "--r", "9"], capsys, "r=9 is out of range", "0..8"
+    )
+    expect_usage_error(
+        [str(tmp_path / "data"), *model_args(weights), "--r", "-2"], capsys, "must not be negative"
+    )
+    expect_usage_error(
+        [str(tmp_path / "data"), *model_args(weights), "--r", "four"], capsys, "comma-separated integers"
+    )
 
 
 def test_empty_folder_is_a_usage_error(tmp_path, capsys, colour_model):
@@ -172,11 +175,14 @@ def test_unknown_class_folder_is_a_usage_error(tmp_path, capsys, colour_model):
     _, weights = colour_model
     labelled_solid_folder(tmp_path / "data")
     solid_image(tmp_path / "data" / "cats" / "a.png", BASES[0])
-    expect_usage_error([str(tmp_path / "data"), *model_args(weights)], capsys,
-                       "'cats' is neither a WordNet id", "--unlabelled")
+    expect_usage_error(
+        [str(tmp_path / "data"), *model_args(weights)],
+        capsys,
+        "'cats' is neither a WordNet id",
+        "--unlabelled",
+    )
     solid_image(tmp_path / "wn" / "n01440764" / "a.png", BASES[0])
-    expect_usage_error([str(tmp_path / "wn"), *model_args(weights)], capsys,
-                       "are not an ImageNet label set")
+    expect_usage_error([str(tmp_path / "wn"), *model_args(weights)], capsys, "are not an ImageNet label set")
     solid_image(tmp_path / "big" / str(NUM_CLASSES) / "a.png", BASES[0])
     expect_usage_error([str(tmp_path / "big"), *model_args(weights)], capsys, "out of range", "0..7")
 
@@ -186,8 +192,12 @@ def test_only_unreadable_files_is_a_usage_error(tmp_path, capsys, colour_model):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"garbage")
     (tmp_path / "bad" / "b.jpg").write_bytes(b"")
-    expect_usage_error([str(tmp_path / "bad"), *model_args(weights)], capsys,
-                       "none of the 2 images could be decoded", "skipped 2 unreadable")
+    expect_usage_error(
+        [str(tmp_path / "bad"), *model_args(weights)],
+        capsys,
+        "none of the 2 images could be decoded",
+        "skipped 2 unreadable",
+    )
 
 
 def test_bad_weights_and_options_are_usage_errors(tmp_path, capsys, colour_model):
@@ -197,18 +207,25 @@ def test_bad_weights_and_options_are_usage_errors(tmp_path, capsys, colour_model
     expect_usage_error([folder, *model_args(tmp_path / "nope.pth")], capsys, "does not exist")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     expect_usage_error([folder, *model_args(tmp_path / "junk.pth")], capsys, "cannot read weights")
-    expect_usage_error([folder, *model_args(weights), "--model-kwargs", "{depth: 4"], capsys,
-                       "not valid JSON")
+    expect_usage_error(
+        [folder, *model_args(weights), "--model-kwargs", "{depth: 4"], capsys, "not valid JSON"
+    )
     expect_usage_error([folder, *model_args(weights), "--opts", "int8"], capsys, "--opts needs --combos")
     wrong = write_weights(tmp_path / "wide.safetensors", tiny_model(num_classes=3))
     expect_usage_error([folder, *model_args(wrong)], capsys, "does not fit")
-    expect_usage_error([folder, "--model", "resnet18", "--weights", "random", "--workers", "0"], capsys,
-                       "cannot be patched")
+    expect_usage_error(
+        [folder, "--model", "resnet18", "--weights", "random", "--workers", "0"], capsys, "cannot be patched"
+    )
 
 
 def test_module_entry_point_runs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tome.eval", "--help"], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "tome.eval", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0
     assert "--combos" in result.stdout and "labels.tsv" in result.stdout
 
@@ -217,9 +234,26 @@ def test_wordnet_folders_with_an_imagenet_sized_model_and_limit(tmp_path):
     for i, wnid in enumerate(["n01440764", "n01443537", "n15075141"]):
         for j in range(2):
             solid_image(tmp_path / "val" / wnid / f"{j}.JPEG", BASES[i])
-    args = ["--model", "vit_tiny_patch16_224", "--weights", "random", "--workers", "0", "--no-progress",
-            "--model-kwargs", json.dumps({"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}),
-            "--timing-rounds", "0", "--r", "2", "--limit", "5", "--no-plot", "--out", str(tmp_path / "out")]
+    args = [
+        "--model",
+        "vit_tiny_patch16_224",
+        "--weights",
+        "random",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--model-kwargs",
+        json.dumps({"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}),
+        "--timing-rounds",
+        "0",
+        "--r",
+        "2",
+        "--limit",
+        "5",
+        "--no-plot",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert run_eval([str(tmp_path / "val"), *args]) == 0
     info = json.loads((tmp_path / "out" / "sweep.json").read_text())["info"]
     assert info["layout"] == "WordNet-id class folders" and info["images"] == 5

@@ -43,8 +43,9 @@ def test_int8_and_bf16_keep_fp32_predictions(tmp_path, folder, capsys):
     weights = write_weights(tmp_path / "tiny.safetensors", model)
     out = tmp_path / "out"
 
-    code = main([str(folder), *model_args(weights), "--r", "4", "--combos", "--opts", "int8,bf16",
-                 "--out", str(out)])
+    code = main(
+        [str(folder), *model_args(weights), "--r", "4", "--combos", "--opts", "int8,bf16", "--out", str(out)]
+    )
 
     assert code == 0
     printed = capsys.readouterr().out
@@ -68,8 +69,21 @@ def test_compiled_graphs_match_eager(tmp_path, folder, capsys):
     weights = write_weights(tmp_path / "tiny2.safetensors", model)
     out = tmp_path / "out"
 
-    code = main([str(folder), *model_args(weights, depth=2), "--r", "4", "--combos", "--opts", "compile",
-                 "--batch-size", "8", "--out", str(out)])
+    code = main(
+        [
+            str(folder),
+            *model_args(weights, depth=2),
+            "--r",
+            "4",
+            "--combos",
+            "--opts",
+            "compile",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
 
     assert code == 0
     assert "First call (compile) seconds" in capsys.readouterr().out
@@ -100,11 +114,14 @@ def test_a_failing_row_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
     assert "failed" in printed and "no int8 engine" in printed
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("turbo", "unknown optimisation 'turbo'"),
-    ("bf16+fp16", "choose one of bf16 and fp16"),
-    ("int8+bf16", "do not stack them with autocast"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("turbo", "unknown optimisation 'turbo'"),
+        ("bf16+fp16", "choose one of bf16 and fp16"),
+        ("int8+bf16", "do not stack them with autocast"),
+    ],
+)
 def test_bad_optimisations_are_rejected(text, message):
     with pytest.raises(EvalInputError, match=message):
         combine.parse_optimisations(text, torch.device("cpu"))

@@ -46,12 +46,15 @@ def test_labels_file_takes_indices_and_wordnet_ids(tmp_path):
     assert [s.label for s in listing.samples] == [7, 1]
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("a.png 3", "expected FILE<TAB>CLASS"),
-    ("a.png\tcat", "neither a WordNet id"),
-    ("a.png\t10", "out of range"),
-    ("../a.png\t1", "points outside the folder"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("a.png 3", "expected FILE<TAB>CLASS"),
+        ("a.png\tcat", "neither a WordNet id"),
+        ("a.png\t10", "out of range"),
+        ("../a.png\t1", "points outside the folder"),
+    ],
+)
 def test_bad_labels_file_lines_name_the_line(tmp_path, line, message):
     (tmp_path / "labels.tsv").write_text(f"ok.png\t1\n{line}\n")
     with pytest.raises(EvalInputError, match=f"line 2: .*{message}"):

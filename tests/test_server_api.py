@@ -98,8 +98,11 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     assert info["input_tokens"] == TOKENS and info["num_classes"] == 1000
     costs = info["costs"]
     assert [c["r"] for c in costs] == list(range(33))
-    model = tome.patch(load_model(MODEL, Settings(model=MODEL, weights="random",
-                                                   model_kwargs=TINY_MODEL_KWARGS, device="cpu")).module)
+    model = tome.patch(
+        load_model(
+            MODEL, Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+        ).module
+    )
     for cost in costs[::8]:
         assert cost["gflops"] == pytest.approx(tome.flops(model, r=cost["r"]))
         assert cost["output_tokens"] == tome.token_counts(TOKENS, DEPTH, cost["r"])[-1]
@@ -116,11 +119,15 @@ def test_classify_multipart(client: httpx.Client) -> None:
     body = response.json()
     assert (body["model"], body["weights"], body["r"]) == (MODEL, "random", 8)
     assert len(body["predictions"]) == 3
-    assert [p["score"] for p in body["predictions"]] == sorted((p["score"] for p in body["predictions"]),
-                                                               reverse=True)
+    assert [p["score"] for p in body["predictions"]] == sorted(
+        (p["score"] for p in body["predictions"]), reverse=True
+    )
     assert all(p["label"] and not p["label"].startswith("class ") for p in body["predictions"])
-    assert body["tokens"] == {"input": TOKENS, "output": tome.token_counts(TOKENS, DEPTH, 8)[-1],
-                              "per_layer": tome.token_counts(TOKENS, DEPTH, 8)}
+    assert body["tokens"] == {
+        "input": TOKENS,
+        "output": tome.token_counts(TOKENS, DEPTH, 8)[-1],
+        "per_layer": tome.token_counts(TOKENS, DEPTH, 8),
+    }
     assert body["batch_size"] == 1
     timing = body["timing_ms"]
     assert 0 <= timing["queue"] <= timing["total"] and 0 < timing["inference"] <= timing["total"]
@@ -128,8 +135,11 @@ def test_classify_multipart(client: httpx.Client) -> None:
 
 
 def test_classify_raw_body_default_r_and_given_request_id(client: httpx.Client) -> None:
-    response = client.post("/classify", content=encode(photo(2), "JPEG"), headers={
-        "content-type": "image/jpeg", "x-request-id": "trace-123"})
+    response = client.post(
+        "/classify",
+        content=encode(photo(2), "JPEG"),
+        headers={"content-type": "image/jpeg", "x-request-id": "trace-123"},
+    )
     body = response.json()
     assert response.status_code == 200, body
     assert body["r"] == 16 and body["tokens"]["per_layer"] == tome.token_counts(TOKENS, DEPTH, 16)
@@ -158,11 +168,16 @@ def test_concurrent_mixed_r_batches_match_single_calls(client: httpx.Client, url
 
     async def together() -> list[dict]:
         async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
-            responses = await asyncio.gather(*(
-                http.post("/classify", params={"r": r, "top_k": 1000},
-                          files={"file": ("x.png", images[seed], "image/png")})
-                for seed, r in requests
-            ))
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/classify",
+                        params={"r": r, "top_k": 1000},
+                        files={"file": ("x.png", images[seed], "image/png")},
+                    )
+                    for seed, r in requests
+                )
+            )
         assert all(resp.status_code == 200 for resp in responses), [resp.text for resp in responses]
         return [resp.json() for resp in responses]
 
@@ -309,9 +324,14 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     after = metric_samples(client)
 
     expected_types = {
-        "tome_request_duration_seconds": "histogram", "tome_queue_wait_seconds": "histogram",
-        "tome_inference_seconds": "histogram", "tome_batch_size": "histogram", "tome_queue_depth": "gauge",
-        "tome_requests": "counter", "tome_images": "counter", "tome_tokens_merged": "counter",
+        "tome_request_duration_seconds": "histogram",
+        "tome_queue_wait_seconds": "histogram",
+        "tome_inference_seconds": "histogram",
+        "tome_batch_size": "histogram",
+        "tome_queue_depth": "gauge",
+        "tome_requests": "counter",
+        "tome_images": "counter",
+        "tome_tokens_merged": "counter",
         "tome_model_info": "gauge",
     }
     for name, kind in expected_types.items():
@@ -334,5 +354,14 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     assert value(after["tome_queue_depth"][1], "tome_queue_depth", **labels) == 0
     refused = {"model": "none", "r": "none", "endpoint": "classify", "code": "422"}
     assert value(after["tome_requests"][1], "tome_requests_total", **refused) >= 1
-    assert value(after["tome_model_info"][1], "tome_model_info", model=MODEL, weights="random",
-                 device="cpu", dtype="float32") == 1
+    assert (
+        value(
+            after["tome_model_info"][1],
+            "tome_model_info",
+            model=MODEL,
+            weights="random",
+            device="cpu",
+            dtype="float32",
+        )
+        == 1
+    )

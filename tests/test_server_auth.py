@@ -27,8 +27,15 @@ def png() -> bytes:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/classify"), ("POST", "/visualize"), ("GET", "/models"), ("GET", "/docs"),
-     ("GET", "/openapi.json"), ("GET", "/no-such-path"), ("POST", "/")],
+    [
+        ("POST", "/classify"),
+        ("POST", "/visualize"),
+        ("GET", "/models"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no-such-path"),
+        ("POST", "/"),
+    ],
 )
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {KEY}", "Bearer", KEY])
 def test_protected_without_the_right_key(url: str, method: str, path: str, authorization: str | None) -> None:

@@ -79,13 +79,20 @@ def test_backbone_without_classifier_serves_visualize_only() -> None:
 
 def test_missing_pretrained_weights_fail_fast_with_advice(tmp_path) -> None:
     # Nothing listens on port 9, so the hub is unreachable; HF_HOME is empty, so nothing is cached.
-    env = server_env({"TOME_WEIGHTS": "pretrained", "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "",
-                      "HF_ENDPOINT": "http://127.0.0.1:9"})
+    env = server_env(
+        {
+            "TOME_WEIGHTS": "pretrained",
+            "HF_HOME": str(tmp_path),
+            "HF_HUB_OFFLINE": "",
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+        }
+    )
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(proxy, None)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert time.monotonic() - started < 60
     assert "could not obtain pretrained weights" in result.stderr
@@ -94,26 +101,31 @@ def test_missing_pretrained_weights_fail_fast_with_advice(tmp_path) -> None:
 
 def test_unsupported_model_fails_start_up() -> None:
     env = server_env({"TOME_MODEL": "resnet18", "TOME_MODEL_KWARGS": "{}"})
-    result = subprocess.run([sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     assert "cannot be served with token merging" in result.stderr
 
 
 def test_invalid_settings_are_reported() -> None:
     env = {**os.environ, "TOME_MAX_BATCH_SIZE": "0", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "max_batch_size" in result.stderr
 
 
 def test_sigterm_finishes_queued_requests_then_exits() -> None:
     server = start_server({"TOME_MAX_BATCH_SIZE": "64", "TOME_MAX_DELAY_MS": "1500"})
     try:
+
         async def scenario() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
-                queued = [asyncio.create_task(http.post("/classify", params={"r": r}, content=png()))
-                          for r in (0, 8, 8)]
+                queued = [
+                    asyncio.create_task(http.post("/classify", params={"r": r}, content=png()))
+                    for r in (0, 8, 8)
+                ]
                 await asyncio.sleep(0.5)  # received and queued, waiting for the 1.5 s batch window
                 server.process.terminate()  # SIGTERM
                 return await asyncio.gather(*queued)

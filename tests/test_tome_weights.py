@@ -34,8 +34,10 @@ def test_training_checkpoint_wrappers_and_prefixes_are_unwrapped(tmp_path):
 
 def test_a_backbone_file_loads_and_reports_the_missing_head(tmp_path):
     source = create(NAME, "random", KWARGS, seed=3).model
-    save_file({k: v for k, v in source.state_dict().items() if not k.startswith("head.")},
-              tmp_path / "backbone.safetensors")
+    save_file(
+        {k: v for k, v in source.state_dict().items() if not k.startswith("head.")},
+        tmp_path / "backbone.safetensors",
+    )
     built = create(NAME, str(tmp_path / "backbone.safetensors"), KWARGS)
     assert sorted(built.missing_head) == ["head.bias", "head.weight"]
     assert torch.equal(built.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)

@@ -29,38 +29,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tome-eval",
         description="Evaluate a timm ViT with Token Merging for several r: accuracy (labelled folder), "
-                    "top-1 agreement and feature cosine against r=0 (any folder), speed and GMACs.",
+        "top-1 agreement and feature cosine against r=0 (any folder), speed and GMACs.",
     )
-    p.add_argument("folder", nargs="?", type=Path,
-                   help="image folder: WordNet-id or class-index subfolders, a labels.tsv (file<TAB>class), "
-                        "or just images (unlabelled). Without it only speed and GMACs are measured.")
+    p.add_argument(
+        "folder",
+        nargs="?",
+        type=Path,
+        help="image folder: WordNet-id or class-index subfolders, a labels.tsv (file<TAB>class), "
+        "or just images (unlabelled). Without it only speed and GMACs are measured.",
+    )
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default: %(default)s)")
-    p.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (model hub), 'random', or a .safetensors / torch state_dict file")
-    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
-                   help='extra timm.create_model arguments, e.g. \'{"img_size": 224}\'')
-    p.add_argument("--r", type=_r_list, default=None, metavar="LIST",
-                   help=f"comma-separated r values; r=0 is always added (default: {_join(DEFAULT_R)}, "
-                        "those the model allows)")
+    p.add_argument(
+        "--weights",
+        default="pretrained",
+        help="'pretrained' (model hub), 'random', or a .safetensors / torch state_dict file",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="extra timm.create_model arguments, e.g. '{\"img_size\": 224}'",
+    )
+    p.add_argument(
+        "--r",
+        type=_r_list,
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated r values; r=0 is always added (default: {_join(DEFAULT_R)}, "
+        "those the model allows)",
+    )
     p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--workers", type=_non_negative, default=2,
-                   help="decoding processes; 0 decodes in a background thread (default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=2,
+        help="decoding processes; 0 decodes in a background thread (default: %(default)s)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="CPU threads for inference (torch.set_num_threads; default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads for inference (torch.set_num_threads; default: torch's choice)",
+    )
     p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N images")
-    p.add_argument("--unlabelled", action="store_true",
-                   help="ignore labels: take every image below the folder (agreement and cosine only)")
-    p.add_argument("--timing-rounds", type=_non_negative, default=10,
-                   help="interleaved timing rounds of one batch per r; 0 skips timing (default: %(default)s)")
-    p.add_argument("--combos", action="store_true",
-                   help="benchmark ToMe stacked with the --opts optimisations instead of the r sweep")
-    p.add_argument("--opts", default=None, metavar="LIST",
-                   help="rows of the --combos matrix: comma-separated, each a '+'-joined set of compile, "
-                        "bf16, fp16, int8 (default: compile,bf16,int8 on CPU; compile,fp16,bf16,compile+fp16 "
-                        "on CUDA)")
-    p.add_argument("--out", type=Path, default=Path("tome-eval-out"),
-                   help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="ignore labels: take every image below the folder (agreement and cosine only)",
+    )
+    p.add_argument(
+        "--timing-rounds",
+        type=_non_negative,
+        default=10,
+        help="interleaved timing rounds of one batch per r; 0 skips timing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--combos",
+        action="store_true",
+        help="benchmark ToMe stacked with the --opts optimisations instead of the r sweep",
+    )
+    p.add_argument(
+        "--opts",
+        default=None,
+        metavar="LIST",
+        help="rows of the --combos matrix: comma-separated, each a '+'-joined set of compile, "
+        "bf16, fp16, int8 (default: compile,bf16,int8 on CPU; compile,fp16,bf16,compile+fp16 "
+        "on CUDA)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("tome-eval-out"), help="output folder (default: %(default)s)"
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (default: %(default)s)")
@@ -136,8 +176,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = build_model(args.model, args.weights, args.model_kwargs, args.seed)
     model = loaded.model.to(device)
     if loaded.missing_head_keys:
-        say(f"note: {args.weights} has no classifier head ({', '.join(loaded.missing_head_keys)}): the head "
-            "is random, so accuracy is meaningless; agreement compares arg-maxes of a random projection")
+        say(
+            f"note: {args.weights} has no classifier head ({', '.join(loaded.missing_head_keys)}): the head "
+            "is random, so accuracy is meaningless; agreement compares arg-maxes of a random projection"
+        )
     requested = args.r or [r for r in DEFAULT_R if r <= sweep.largest_r(model)]
     r_values = sweep.check_r_values(requested, model, args.model)
     listing = _listing(args, model) if args.folder else None
@@ -214,25 +256,50 @@ def _check_any_readable(listing: Listing | None, unreadable: list[str]) -> None:
 
 
 def _run_sweep(
-    args: argparse.Namespace, loaded: LoadedModel, model: nn.Module, device: torch.device,
-    r_values: list[int], listing: Listing | None, dataset: ImageFiles | None,
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    model: nn.Module,
+    device: torch.device,
+    r_values: list[int],
+    listing: Listing | None,
+    dataset: ImageFiles | None,
 ) -> int:
     folder = None
     if dataset is not None:
-        folder = evaluate(sweep.sweep_variants(model, r_values), 0, dataset, args.batch_size, args.workers,
-                          device, progress=not args.no_progress)
+        folder = evaluate(
+            sweep.sweep_variants(model, r_values),
+            0,
+            dataset,
+            args.batch_size,
+            args.workers,
+            device,
+            progress=not args.no_progress,
+        )
     unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
     _check_any_readable(listing, unreadable)
     seconds = None
     if args.timing_rounds:
         images = _timing_images(args, model, dataset)
-        seconds = seconds_per_batch(sweep.sweep_variants(model, r_values), images, args.timing_rounds, device,
-                                    progress=not args.no_progress)
+        seconds = seconds_per_batch(
+            sweep.sweep_variants(model, r_values),
+            images,
+            args.timing_rounds,
+            device,
+            progress=not args.no_progress,
+        )
     rows = sweep.rows_for(model, r_values, seconds, args.batch_size, folder)
-    info = sweep.run_info(args.model, loaded.weights, loaded.head_is_random, device, listing, unreadable,
-                          batch_size=args.batch_size, timing_rounds=args.timing_rounds,
-                          has_classifier=bool(model.num_classes),
-                          cosine_between_images=folder.cosine_between_images if folder else None)
+    info = sweep.run_info(
+        args.model,
+        loaded.weights,
+        loaded.head_is_random,
+        device,
+        listing,
+        unreadable,
+        batch_size=args.batch_size,
+        timing_rounds=args.timing_rounds,
+        has_classifier=bool(model.num_classes),
+        cosine_between_images=folder.cosine_between_images if folder else None,
+    )
     print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
     print(report.sweep_table(rows))
     _print_scale(folder)
@@ -241,8 +308,9 @@ def _run_sweep(
     report.write_json(args.out / "sweep.json", {"info": info, "rows": records})
     written = ["sweep.csv", "sweep.json"]
     if folder is not None:
-        report.write_per_image(args.out / "sweep_images.csv", folder.per_image, listing.samples,
-                               lambda r: f"r={r}")
+        report.write_per_image(
+            args.out / "sweep_images.csv", folder.per_image, listing.samples, lambda r: f"r={r}"
+        )
         written.append("sweep_images.csv")
     if not args.no_plot:
         title = f"{args.model}, {info['images']} images" if listing else args.model
@@ -256,13 +324,20 @@ def _run_sweep(
 
 def _print_scale(folder: FolderRun | None) -> None:
     if folder is not None and folder.cosine_between_images is not None:
-        print(f"For scale: two different images have mean cosine {folder.cosine_between_images:.4f} at r=0 "
-              f"(pairs among up to {SCALE_SAMPLE} images spread over the folder).")
+        print(
+            f"For scale: two different images have mean cosine {folder.cosine_between_images:.4f} at r=0 "
+            f"(pairs among up to {SCALE_SAMPLE} images spread over the folder)."
+        )
 
 
 def _run_combos(
-    args: argparse.Namespace, loaded: LoadedModel, model: nn.Module, device: torch.device,
-    r_values: list[int], listing: Listing | None, dataset: ImageFiles | None,
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    model: nn.Module,
+    device: torch.device,
+    r_values: list[int],
+    listing: Listing | None,
+    dataset: ImageFiles | None,
 ) -> int:
     rows = combine.parse_optimisations(args.opts or combine.default_optimisations(device), device)
     images = _timing_images(args, model, dataset).to(device)
@@ -275,21 +350,39 @@ def _run_combos(
             raise EvalInputError(f"the plain fp32 model failed: {cells[combine.BASELINE, 0].error}")
         folder = None
         if dataset is not None:
-            folder = evaluate(variants, (combine.BASELINE, 0), dataset, args.batch_size, args.workers, device,
-                              progress=not args.no_progress)
+            folder = evaluate(
+                variants,
+                (combine.BASELINE, 0),
+                dataset,
+                args.batch_size,
+                args.workers,
+                device,
+                progress=not args.no_progress,
+            )
         unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
         _check_any_readable(listing, unreadable)
         seconds = None
         if args.timing_rounds:
-            seconds = seconds_per_batch(variants, images, args.timing_rounds, device, warmup=1,
-                                        progress=not args.no_progress)
+            seconds = seconds_per_batch(
+                variants, images, args.timing_rounds, device, warmup=1, progress=not args.no_progress
+            )
     classifier = bool(model.num_classes)
     quality = {key: t.summary(classifier) for key, t in folder.tallies.items()} if folder else None
     combine.fill_cells(cells, seconds, quality, args.batch_size)
-    info = sweep.run_info(args.model, loaded.weights, loaded.head_is_random, device, listing, unreadable,
-                          batch_size=args.batch_size, timing_rounds=args.timing_rounds,
-                          has_classifier=classifier, r=r_values, optimisations=[row.name for row in rows],
-                          cosine_between_images=folder.cosine_between_images if folder else None)
+    info = sweep.run_info(
+        args.model,
+        loaded.weights,
+        loaded.head_is_random,
+        device,
+        listing,
+        unreadable,
+        batch_size=args.batch_size,
+        timing_rounds=args.timing_rounds,
+        has_classifier=classifier,
+        r=r_values,
+        optimisations=[row.name for row in rows],
+        cosine_between_images=folder.cosine_between_images if folder else None,
+    )
     print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
     print(report.combo_tables(cells, r_values, bool(listing and listing.labelled), classifier))
     _print_scale(folder)
@@ -298,8 +391,12 @@ def _run_combos(
     report.write_json(args.out / "combos.json", {"info": info, "cells": records})
     written = ["combos.csv", "combos.json"]
     if folder is not None:
-        report.write_per_image(args.out / "combos_images.csv", folder.per_image, listing.samples,
-                               lambda key: f"{key[0]} r={key[1]}")
+        report.write_per_image(
+            args.out / "combos_images.csv",
+            folder.per_image,
+            listing.samples,
+            lambda key: f"{key[0]} r={key[1]}",
+        )
         written.append("combos_images.csv")
     say(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0

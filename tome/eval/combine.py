@@ -54,8 +54,10 @@ def parse_optimisations(text: str, device: torch.device) -> list[Optimisation]:
         parts = name.split("+")
         unknown = [p for p in parts if p not in _PARTS]
         if unknown:
-            raise EvalInputError(f"unknown optimisation {unknown[0]!r} in {name!r}; combine "
-                                 f"{', '.join(_PARTS)} with '+', e.g. compile+bf16")
+            raise EvalInputError(
+                f"unknown optimisation {unknown[0]!r} in {name!r}; combine "
+                f"{', '.join(_PARTS)} with '+', e.g. compile+bf16"
+            )
         rows.append(_checked(name, set(parts), device))
     return list({row.name: row for row in rows}.values())
 
@@ -64,8 +66,9 @@ def _checked(name: str, parts: set[str], device: torch.device) -> Optimisation:
     if {"bf16", "fp16"} <= parts:
         raise EvalInputError(f"{name}: choose one of bf16 and fp16")
     if "int8" in parts and parts & {"bf16", "fp16"}:
-        raise EvalInputError(f"{name}: dynamic int8 Linear layers run on float32 activations; "
-                             "do not stack them with autocast")
+        raise EvalInputError(
+            f"{name}: dynamic int8 Linear layers run on float32 activations; do not stack them with autocast"
+        )
     if "int8" in parts and device.type != "cpu":
         raise EvalInputError(f"{name}: dynamic int8 quantisation runs on the CPU only")
     dtype = torch.bfloat16 if "bf16" in parts else torch.float16 if "fp16" in parts else None
@@ -159,7 +162,9 @@ def _forward_for(model: nn.Module, row: Optimisation) -> Heads:
 
 
 def warm_up(
-    variants: dict[tuple[str, int], Variant], cells: dict[tuple[str, int], Cell], images: torch.Tensor,
+    variants: dict[tuple[str, int], Variant],
+    cells: dict[tuple[str, int], Cell],
+    images: torch.Tensor,
     device: torch.device,
 ) -> dict[tuple[str, int], Variant]:
     """Call every variant once (compiling the compiled ones); returns the variants that worked."""

@@ -63,21 +63,28 @@ class LabelSpace:
     def resolve(self, name: str, where: str) -> int:
         if _WORDNET_ID.fullmatch(name):
             if self.wordnet_ids is None:
-                raise EvalInputError(f"{where}: {name!r} is a WordNet id, but the model's {self.num_classes} "
-                                     "classes are not an ImageNet label set; use class indices instead")
+                raise EvalInputError(
+                    f"{where}: {name!r} is a WordNet id, but the model's {self.num_classes} "
+                    "classes are not an ImageNet label set; use class indices instead"
+                )
             try:
                 return self.wordnet_ids.index(name)
             except ValueError:
-                raise EvalInputError(f"{where}: WordNet id {name!r} is not one of the model's "
-                                     f"{self.num_classes} classes") from None
+                raise EvalInputError(
+                    f"{where}: WordNet id {name!r} is not one of the model's {self.num_classes} classes"
+                ) from None
         if not name.isdigit():
-            raise EvalInputError(f"{where}: {name!r} is neither a WordNet id (like n01440764) nor a class "
-                                 f"index; name class folders by either, add a {LABELS_FILE} "
-                                 "(file<TAB>class index), or pass --unlabelled")
+            raise EvalInputError(
+                f"{where}: {name!r} is neither a WordNet id (like n01440764) nor a class "
+                f"index; name class folders by either, add a {LABELS_FILE} "
+                "(file<TAB>class index), or pass --unlabelled"
+            )
         index = int(name)
         if self.num_classes and index >= self.num_classes:
-            raise EvalInputError(f"{where}: class index {index} is out of range for a model with "
-                                 f"{self.num_classes} classes (0..{self.num_classes - 1})")
+            raise EvalInputError(
+                f"{where}: class index {index} is out of range for a model with "
+                f"{self.num_classes} classes (0..{self.num_classes - 1})"
+            )
         return index
 
 
@@ -106,8 +113,9 @@ def list_images(root: Path, labels: LabelSpace, unlabelled: bool = False) -> Lis
             listing = _split_images(files, UNLABELLED, "unlabelled")
     if not listing.samples:
         suffixes = ", ".join(IMAGE_SUFFIXES)
-        raise EvalInputError(f"no images found in {root} (looked for files ending in {suffixes}; "
-                             f"layout: {listing.layout})")
+        raise EvalInputError(
+            f"no images found in {root} (looked for files ending in {suffixes}; layout: {listing.layout})"
+        )
     return listing
 
 
@@ -204,8 +212,14 @@ def batches(dataset: ImageFiles, batch_size: int, workers: int) -> Iterator[Batc
     With ``workers > 0`` a DataLoader's worker processes decode; with 0 a background thread does,
     which still overlaps decoding with inference because PIL and torch release the GIL.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate, prefetch_factor=2 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=2 if workers else None,
+    )
     if workers:
         yield from loader
     else:

@@ -36,25 +36,49 @@ def num(value: float | None, fmt: str) -> str:
 
 
 def sweep_table(rows: list[SweepRow]) -> str:
-    headers = ["r", "GMACs", "tokens out", "img/s", "speedup", "top-1 %", "drop", "top-5 %", "drop",
-               "agree %", "cos mean", "cos min"]
+    headers = [
+        "r",
+        "GMACs",
+        "tokens out",
+        "img/s",
+        "speedup",
+        "top-1 %",
+        "drop",
+        "top-5 %",
+        "drop",
+        "agree %",
+        "cos mean",
+        "cos min",
+    ]
     body = []
     for row in rows:
         q = row.quality
-        body.append([
-            str(row.r), f"{row.gmacs:.3f}", str(row.tokens_out), num(row.images_per_second, ".1f"),
-            num(row.speedup, ".2f") + ("x" if row.speedup else ""),
-            pct(q and q.top1), pct(row.top1_drop), pct(q and q.top5), pct(row.top5_drop),
-            pct(q and q.agreement), num(q and q.cosine_mean, ".4f"), num(q and q.cosine_min, ".4f"),
-        ])
+        body.append(
+            [
+                str(row.r),
+                f"{row.gmacs:.3f}",
+                str(row.tokens_out),
+                num(row.images_per_second, ".1f"),
+                num(row.speedup, ".2f") + ("x" if row.speedup else ""),
+                pct(q and q.top1),
+                pct(row.top1_drop),
+                pct(q and q.top5),
+                pct(row.top5_drop),
+                pct(q and q.agreement),
+                num(q and q.cosine_mean, ".4f"),
+                num(q and q.cosine_min, ".4f"),
+            ]
+        )
     return text_table(headers, body)
 
 
 def matrix(cells: dict[tuple[str, int], Cell], r_values: list[int], value: Any) -> str:
     """Rows: optimisation, columns: r; ``value(cell)`` gives each entry's text."""
     names = list(dict.fromkeys(name for name, _ in cells))
-    return text_table(["optimisation", *(f"r={r}" for r in r_values)],
-                      [[name, *(value(cells[name, r]) for r in r_values)] for name in names])
+    return text_table(
+        ["optimisation", *(f"r={r}" for r in r_values)],
+        [[name, *(value(cells[name, r]) for r in r_values)] for name in names],
+    )
 
 
 def combo_tables(
@@ -66,19 +90,35 @@ def combo_tables(
     parts = ["Speedup against plain fp32 at r=0 (same interleaved run):", matrix(cells, r_values, speed)]
     if any(c.quality for c in cells.values()):
         if classifier:
-            parts += ["", "Top-1 agreement with plain fp32 at r=0, %:",
-                      matrix(cells, r_values, lambda c: pct(c.quality and c.quality.agreement))]
-        parts += ["", "Mean cosine of pre-logits features to plain fp32 at r=0:",
-                  matrix(cells, r_values, lambda c: num(c.quality and c.quality.cosine_mean, ".4f"))]
+            parts += [
+                "",
+                "Top-1 agreement with plain fp32 at r=0, %:",
+                matrix(cells, r_values, lambda c: pct(c.quality and c.quality.agreement)),
+            ]
+        parts += [
+            "",
+            "Mean cosine of pre-logits features to plain fp32 at r=0:",
+            matrix(cells, r_values, lambda c: num(c.quality and c.quality.cosine_mean, ".4f")),
+        ]
         if labelled and classifier:
-            parts += ["", "Top-1 accuracy, % (drop against plain fp32 at r=0):",
-                      matrix(cells, r_values, lambda c: f"{pct(c.quality and c.quality.top1)} "
-                                                        f"({pct(c.top1_drop)})")]
+            parts += [
+                "",
+                "Top-1 accuracy, % (drop against plain fp32 at r=0):",
+                matrix(
+                    cells, r_values, lambda c: f"{pct(c.quality and c.quality.top1)} ({pct(c.top1_drop)})"
+                ),
+            ]
     first = [c for c in cells.values() if c.first_call_seconds is not None and "compile" in c.optimisation]
     if first:
-        parts += ["", "First call (compile) seconds, counted apart from the timing:",
-                  matrix({(c.optimisation, c.r): c for c in first}, r_values,
-                         lambda c: f"{num(c.first_call_seconds, '.1f')} ({c.graphs} graphs)")]
+        parts += [
+            "",
+            "First call (compile) seconds, counted apart from the timing:",
+            matrix(
+                {(c.optimisation, c.r): c for c in first},
+                r_values,
+                lambda c: f"{num(c.first_call_seconds, '.1f')} ({c.graphs} graphs)",
+            ),
+        ]
     errors = sorted({f"{c.optimisation}: {c.error}" for c in cells.values() if c.error})
     if errors:
         parts += ["", "Failed:", *errors]
@@ -107,17 +147,24 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 def write_per_image(path: Path, per_image: PerImage, samples: Sequence[Sample], label: Any) -> None:
     """One row per readable image: its file, label, and top-1 and cosine of each variant."""
     keys: list[Hashable] = list(per_image.cosine)
-    header = ["file", "label", *(f"top1 {label(k)}" for k in per_image.top1),
-              *(f"cos {label(k)}" for k in keys)]
+    header = [
+        "file",
+        "label",
+        *(f"top1 {label(k)}" for k in per_image.top1),
+        *(f"cos {label(k)}" for k in keys),
+    ]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for i, index in enumerate(per_image.indices):
-            writer.writerow([
-                str(samples[index].path), "" if per_image.labels[i] < 0 else per_image.labels[i],
-                *(per_image.top1[k][i] for k in per_image.top1),
-                *(f"{per_image.cosine[k][i]:.6f}" for k in keys),
-            ])
+            writer.writerow(
+                [
+                    str(samples[index].path),
+                    "" if per_image.labels[i] < 0 else per_image.labels[i],
+                    *(per_image.top1[k][i] for k in per_image.top1),
+                    *(f"{per_image.cosine[k][i]:.6f}" for k in keys),
+                ]
+            )
 
 
 def plot_sweep(path: Path, rows: list[SweepRow], title: str) -> str | None:
@@ -157,8 +204,11 @@ def _plot_quality(rows: list[SweepRow]) -> tuple[str, list[float]]:
     def values(attr: str) -> list[float | None]:
         return [getattr(row.quality, attr) if row.quality else None for row in rows]
 
-    choices = (("top1", "top-1 accuracy (%)", 100), ("agreement", "top-1 agreement with r=0 (%)", 100),
-               ("cosine_mean", "mean cosine to r=0 features", 1))
+    choices = (
+        ("top1", "top-1 accuracy (%)", 100),
+        ("agreement", "top-1 agreement with r=0 (%)", 100),
+        ("cosine_mean", "mean cosine to r=0 features", 1),
+    )
     for attr, name, scale in choices:
         found = values(attr)
         if all(v is not None for v in found):

@@ -114,8 +114,10 @@ def evaluate(
     sample: list[torch.Tensor] = []
     # Spread over the listing, so sorted class folders do not make the pairs mostly same-class ones.
     step = max(1, -(-len(dataset) // SCALE_SAMPLE))
-    with tqdm(total=len(dataset), unit="img", disable=not progress, desc="evaluating") as bar, \
-            torch.inference_mode():
+    with (
+        tqdm(total=len(dataset), unit="img", disable=not progress, desc="evaluating") as bar,
+        torch.inference_mode(),
+    ):
         for batch in batches(dataset, batch_size, workers):
             unreadable += batch.unreadable
             if len(batch.images):
@@ -171,7 +173,10 @@ def seconds_per_batch(
     calls = {key: (lambda fn=fn: fn(images)) for key, fn in variants.items()}
     with tqdm(total=rounds, unit="round", disable=not progress, desc="timing") as bar:
         timed = tome.timing.interleaved_seconds(
-            {str(i): fn for i, fn in enumerate(calls.values())}, rounds, warmup=warmup, device=device,
+            {str(i): fn for i, fn in enumerate(calls.values())},
+            rounds,
+            warmup=warmup,
+            device=device,
             on_round=lambda _: bar.update(1),
         )
     return {key: timed[str(i)] for i, key in enumerate(calls)}

@@ -55,8 +55,10 @@ def check_r_values(values: list[int], model: nn.Module, model_name: str) -> list
     top = largest_r(model)
     bad = [r for r in values if not 0 <= r <= top]
     if bad:
-        raise EvalInputError(f"r={bad[0]} is out of range for {model_name}: r must lie in 0..{top} (with "
-                             f"{input_tokens(model)} input tokens, the first layer can merge at most {top})")
+        raise EvalInputError(
+            f"r={bad[0]} is out of range for {model_name}: r must lie in 0..{top} (with "
+            f"{input_tokens(model)} input tokens, the first layer can merge at most {top})"
+        )
     return sorted({0, *values})
 
 
@@ -74,16 +76,18 @@ def rows_for(
     for r in r_values:
         q = quality.get(r)
         counts = tome.token_counts(input_tokens(model), len(model.blocks), r, model.num_prefix_tokens)
-        rows.append(SweepRow(
-            r=r,
-            gmacs=tome.flops(model, r),
-            tokens_out=counts[-1],
-            images_per_second=batch_size / seconds[r] if seconds else None,
-            speedup=seconds[0] / seconds[r] if seconds else None,
-            quality=q,
-            top1_drop=_drop(base.top1 if base else None, q.top1 if q else None),
-            top5_drop=_drop(base.top5 if base else None, q.top5 if q else None),
-        ))
+        rows.append(
+            SweepRow(
+                r=r,
+                gmacs=tome.flops(model, r),
+                tokens_out=counts[-1],
+                images_per_second=batch_size / seconds[r] if seconds else None,
+                speedup=seconds[0] / seconds[r] if seconds else None,
+                quality=q,
+                top1_drop=_drop(base.top1 if base else None, q.top1 if q else None),
+                top5_drop=_drop(base.top5 if base else None, q.top5 if q else None),
+            )
+        )
     return rows
 
 
@@ -105,8 +109,13 @@ def machine() -> str:
 
 
 def run_info(
-    model_name: str, weights: str, head_is_random: bool, device: torch.device, listing: Listing | None,
-    unreadable: list[str], **extra: Any,
+    model_name: str,
+    weights: str,
+    head_is_random: bool,
+    device: torch.device,
+    listing: Listing | None,
+    unreadable: list[str],
+    **extra: Any,
 ) -> dict[str, Any]:
     return {
         "model": model_name,
