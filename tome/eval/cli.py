@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +257,30 @@ def _check_any_readable(listing: Listing | None, unreadable: list[str]) -> None:
         raise EvalInputError(f"none of the {len(unreadable)} images could be decoded")
 
 
+def _measure(
+    args: argparse.Namespace,
+    variants: dict,
+    baseline: object,
+    device: torch.device,
+    listing: Listing | None,
+    dataset: ImageFiles | None,
+    timing_images: Callable[[], torch.Tensor],
+) -> tuple[FolderRun | None, list[str], dict | None]:
+    """Quality of every variant over the folder (if one was given) and their speed (if timed)."""
+    progress = not args.no_progress
+    folder = None
+    if dataset is not None:
+        folder = evaluate(
+            variants, baseline, dataset, args.batch_size, args.workers, device, progress=progress
+        )
+    unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
+    _check_any_readable(listing, unreadable)
+    seconds = None
+    if args.timing_rounds:
+        seconds = seconds_per_batch(variants, timing_images(), args.timing_rounds, device, progress=progress)
+    return folder, unreadable, seconds
+
+
 def _run_sweep(
     args: argparse.Namespace,
     loaded: LoadedModel,
@@ -264,29 +290,9 @@ def _run_sweep(
     listing: Listing | None,
     dataset: ImageFiles | None,
 ) -> int:
-    folder = None
-    if dataset is not None:
-        folder = evaluate(
-            sweep.sweep_variants(model, r_values),
-            0,
-            dataset,
-            args.batch_size,
-            args.workers,
-            device,
-            progress=not args.no_progress,
-        )
-    unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
-    _check_any_readable(listing, unreadable)
-    seconds = None
-    if args.timing_rounds:
-        images = _timing_images(args, model, dataset)
-        seconds = seconds_per_batch(
-            sweep.sweep_variants(model, r_values),
-            images,
-            args.timing_rounds,
-            device,
-            progress=not args.no_progress,
-        )
+    variants = sweep.sweep_variants(model, r_values)
+    timing_images = partial(_timing_images, args, model, dataset)  # built only if timing is asked for
+    folder, unreadable, seconds = _measure(args, variants, 0, device, listing, dataset, timing_images)
     rows = sweep.rows_for(model, r_values, seconds, args.batch_size, folder)
     info = sweep.run_info(
         args.model,
@@ -348,24 +354,10 @@ def _run_combos(
         variants = combine.warm_up(variants, cells, images, device)
         if (combine.BASELINE, 0) not in variants:
             raise EvalInputError(f"the plain fp32 model failed: {cells[combine.BASELINE, 0].error}")
-        folder = None
-        if dataset is not None:
-            folder = evaluate(
-                variants,
-                (combine.BASELINE, 0),
-                dataset,
-                args.batch_size,
-                args.workers,
-                device,
-                progress=not args.no_progress,
-            )
-        unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
-        _check_any_readable(listing, unreadable)
-        seconds = None
-        if args.timing_rounds:
-            seconds = seconds_per_batch(
-                variants, images, args.timing_rounds, device, warmup=1, progress=not args.no_progress
-            )
+        baseline = (combine.BASELINE, 0)
+        folder, unreadable, seconds = _measure(
+            args, variants, baseline, device, listing, dataset, lambda: images
+        )
     classifier = bool(model.num_classes)
     quality = {key: t.summary(classifier) for key, t in folder.tallies.items()} if folder else None
     combine.fill_cells(cells, seconds, quality, args.batch_size)
