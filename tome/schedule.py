@@ -45,20 +45,13 @@ def _linear(r: int, inflection: float, depth: int) -> list[int]:
     return [int(first + step * i) for i in range(depth)]
 
 
-def effective_schedule(num_tokens: int, schedule: list[int], num_protected: int = 1) -> list[int]:
-    """The r each layer really applies, after capping at half of the tokens that may merge."""
-    applied = []
-    for r in schedule:
-        r = min(r, max_merge(num_tokens, num_protected))
-        applied.append(r)
-        num_tokens -= r
-    return applied
-
-
 def token_counts(num_tokens: int, depth: int, r: RSpec, num_protected: int = 1) -> list[int]:
-    """Tokens left after each of ``depth`` layers, starting from ``num_tokens`` (prefix included)."""
+    """Tokens left after each of ``depth`` layers, starting from ``num_tokens`` (prefix included).
+
+    Each layer's r is capped at half of the tokens that may merge, as in the paper.
+    """
     counts = []
-    for applied in effective_schedule(num_tokens, parse_r(r, depth), num_protected):
-        num_tokens -= applied
+    for layer_r in parse_r(r, depth):
+        num_tokens -= min(layer_r, max_merge(num_tokens, num_protected))
         counts.append(num_tokens)
     return counts
