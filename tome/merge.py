@@ -37,8 +37,8 @@ def max_merge(num_tokens: int, num_protected: int) -> int:
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int) -> Match:
     """Match the ``r`` most similar A->B token pairs of ``metric`` [B, N, C].
 
-    ``r`` is capped at :func:`max_merge`. The returned ``merge`` closure and ``new_index`` map
-    share one set of indices, so features, sizes and source maps stay consistent.
+    ``r`` is capped at :func:`max_merge`. The returned ``merge`` and ``follow`` closures share one
+    set of indices, so features, sizes and source maps stay consistent.
     """
     batch, num_tokens, _ = metric.shape
     r = min(r, max_merge(num_tokens, num_protected))
@@ -102,8 +102,3 @@ def merge_weighted(
         return match.merge(x) / new_size.to(x.dtype), new_size
     new_size = match.merge(size)
     return match.merge(x * size.to(x.dtype)) / new_size.to(x.dtype), new_size
-
-
-def merge_source(match: Match, source: torch.Tensor) -> torch.Tensor:
-    """Follow each input token (``source`` [B, N_in] -> current index) through this merge."""
-    return match.follow(source)

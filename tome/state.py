@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .merge import bipartite_soft_matching, merge_source, merge_weighted
+from .merge import bipartite_soft_matching, merge_weighted
 
 
 @dataclass
@@ -43,7 +43,7 @@ class CallState:
         match = bipartite_soft_matching(metric, r, self.num_protected)
         x, self.size = merge_weighted(match, x, self.size)
         if self.source is not None:
-            self.source = merge_source(match, self.source)
+            self.source = match.follow(self.source)
         return x
 
     def record(self, num_tokens_before: int, x: torch.Tensor) -> None:
