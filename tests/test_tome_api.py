@@ -37,6 +37,14 @@ def test_average_pooling_is_weighted_by_token_size():
     assert not torch.allclose(pooled, model.fc_norm(patches.mean(1)), atol=1e-3)
 
 
+def test_models_without_pooling_return_every_merged_token():
+    model = tome.patch(make("mae_avg_pool", num_classes=0, global_pool=""))
+    x = images(model)
+    with torch.no_grad(), tome.merging(r=6) as info:
+        tokens = model(x)
+    assert tokens.shape == (2, info.output_tokens, model.embed_dim)
+
+
 @pytest.mark.parametrize("family", ["augreg_vit_p16", "dinov2_registers"])
 def test_forward_intermediates_keeps_timm_shapes_and_values_at_r0(family):
     model = make(family)

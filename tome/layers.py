@@ -64,6 +64,8 @@ class ToMeBlock(Block):
 
 def weighted_pool(x: torch.Tensor, sizes: torch.Tensor, pool_type: str, num_prefix: int) -> torch.Tensor:
     """timm's global_pool_nlc where every token counts as many times as the patches it holds."""
+    if not pool_type:
+        return x
     if pool_type == "token":
         return x[:, 0]
     x, sizes = x[:, num_prefix:], sizes[:, num_prefix:, None].to(x.dtype)
