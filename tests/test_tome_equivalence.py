@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from reference_tome import reference_forward
-from tome_models import FAMILIES, images, make
+from tome_models import FAMILIES, images, make, make_named
 
 import tome
 
@@ -71,3 +71,18 @@ def test_model_default_r_applies_without_a_context():
     with torch.no_grad(), tome.merging() as default_info:
         model(x)
     assert default_info.token_counts == info.token_counts
+
+
+def test_full_size_vit_s16_matches_timm_and_the_reference():
+    model = make_named("vit_small_patch16_224")
+    reference = copy.deepcopy(model)
+    tome.patch(model)
+    x = images(model, batch=1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5, rtol=0)
+        expected, counts, sources = reference_forward(reference, x, [8] * 12)
+        with tome.merging(r=8, trace_source=True) as info:
+            out = model(x)
+    assert info.token_counts == counts[0] == tome.token_counts(197, 12, 8)
+    assert torch.equal(info.source, sources)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=0)

@@ -24,8 +24,12 @@ FAMILIES = {
 
 def make(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     name, kwargs = FAMILIES[family]
+    return make_named(name, seed, **{**TINY, **kwargs, **overrides})
+
+
+def make_named(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **{**TINY, **kwargs, **overrides}).eval()
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
     # timm's init leaves LayerScale tiny, biases zero and the output nearly independent of the image;
     # unit-variance weights make merging visibly change the output, so the comparisons mean something.
     with torch.no_grad():
