@@ -1,4 +1,4 @@
-"""``tome-serve`` / ``python -m server``: parse options, then run the app under uvicorn.
+"""``tome-serve`` / ``python -m tome_serve``: parse options, then run the app under uvicorn.
 
 Every option can also be set as a ``TOME_*`` environment variable (command-line values win).
 SIGTERM or Ctrl-C drains: /readyz turns 503, new requests get 503, queued ones finish, then exit.

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import tome
-import tome.weights
 
+from . import weights as weights_io
 from .config import Settings
 from .labels import class_labels
 from .models import LoadedModel, input_tokens, largest_useful_r, r_costs
@@ -74,8 +74,8 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
 
 def _create(name: str, weights: str, kwargs: dict) -> tuple[nn.Module, str, list[str]]:
     try:
-        built = tome.weights.create(name, weights, kwargs)
-    except tome.weights.WeightsError as exc:
+        built = weights_io.create(name, weights, kwargs)
+    except weights_io.WeightsError as exc:
         raise StartupError(str(exc)) from exc
     except Exception as exc:  # the hub client raises many kinds of network and cache errors
         if weights != "pretrained":

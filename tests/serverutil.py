@@ -1,6 +1,6 @@
 """Start the real tome-serve server in a subprocess for tests.
 
-``with run_server() as base_url: ...`` runs ``python -m server`` on a free loopback port with a tiny
+``with run_server() as base_url: ...`` runs ``python -m tome_serve`` on a free loopback port with a tiny
 randomly initialised ViT (:data:`TINY_MODEL_ENV`), waits until ``/readyz`` answers 200, and stops the
 server with SIGTERM on exit (the same graceful drain a container runtime triggers).
 """
@@ -86,12 +86,12 @@ def start_server(
     args: list[str] | None = None,
     wait_ready: bool = True,
 ) -> ServerProcess:
-    """Start ``python -m server``; with ``wait_ready`` return once ``/readyz`` is 200."""
+    """Start ``python -m tome_serve``; with ``wait_ready`` return once ``/readyz`` is 200."""
     full_env = server_env(env, port)
     url = f"http://127.0.0.1:{full_env['TOME_PORT']}"
     log = tempfile.NamedTemporaryFile(prefix="tome-serve-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", *(args or [])],
+        [sys.executable, "-m", "tome_serve", *(args or [])],
         cwd=REPO_ROOT,
         env=full_env,
         stdout=log,

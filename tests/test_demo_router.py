@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server import demo
+from tome_serve import demo
 
 
 @pytest.fixture(scope="module")

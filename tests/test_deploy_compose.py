@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.config import Settings
+from tome_serve.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

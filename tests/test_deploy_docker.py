@@ -200,7 +200,7 @@ def test_server_from_the_image_contents_serves_requests(tmp_path):
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-S", "-m", "server"],
+            [sys.executable, "-S", "-m", "tome_serve"],
             cwd=tmp_path,
             env=env,
             stdout=log,
@@ -209,7 +209,7 @@ def test_server_from_the_image_contents_serves_requests(tmp_path):
     server = ServerProcess(url=f"http://127.0.0.1:{env['TOME_PORT']}", process=process, log_path=log_path)
     try:
         wait_until_ready(server)
-        probe = "import server, tome; print(server.__file__, tome.__file__)"
+        probe = "import tome_serve, tome; print(tome_serve.__file__, tome.__file__)"
         paths = subprocess.run(
             [sys.executable, "-S", "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
         ).stdout

@@ -25,7 +25,7 @@ from evalutil import (
 from PIL import Image
 
 import tome
-from tome.eval.cli import main
+from tome_eval.cli import main
 
 R_VALUES = [0, 2, 4]
 
@@ -220,7 +220,7 @@ def test_bad_weights_and_options_are_usage_errors(tmp_path, capsys, colour_model
 
 def test_module_entry_point_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tome.eval", "--help"],
+        [sys.executable, "-m", "tome_eval", "--help"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from evalutil import give_colour_classifier, labelled_pattern_folder, model_args, tiny_model, write_weights
 
-from tome.eval import combine
-from tome.eval.cli import main
-from tome.eval.errors import EvalInputError
+from tome_eval import combine
+from tome_eval.cli import main
+from tome_eval.errors import EvalInputError
 
 
 def per_image_top1(path: Path) -> dict[str, list[int]]:

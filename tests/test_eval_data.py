@@ -11,9 +11,9 @@ import torch
 from evalutil import BASES, solid_image
 from timm.data import ImageNetInfo
 
-from tome.eval.data import ImageFiles, LabelSpace, batches, in_background, list_images
-from tome.eval.errors import EvalInputError
-from tome.eval.runner import mean_cosine_between
+from tome_eval.data import ImageFiles, LabelSpace, batches, in_background, list_images
+from tome_eval.errors import EvalInputError
+from tome_eval.runner import mean_cosine_between
 
 IMAGENET = LabelSpace(1000, ImageNetInfo("imagenet-1k").label_names())
 TEN = LabelSpace(10)

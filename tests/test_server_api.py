@@ -17,8 +17,8 @@ from serverutil import TINY_MODEL_ENV, TINY_MODEL_KWARGS, run_server
 from timm.data import create_transform
 
 import tome
-from server.config import Settings
-from server.loading import load_model
+from tome_serve.config import Settings
+from tome_serve.loading import load_model
 
 MODEL = TINY_MODEL_ENV["TOME_MODEL"]
 TOKENS, DEPTH = 65, 4  # 8x8 patches + class token, 4 blocks

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.batching import (
+from tome_serve.batching import (
     Batcher,
     BatchFailedError,
     BatchPolicy,

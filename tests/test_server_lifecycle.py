@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serverutil import REPO_ROOT, TINY_MODEL_KWARGS, server_env, start_server
 
-from server.app import create_app
-from server.config import Settings
-from server.loading import load_model
-from server.models import LoadedModel
+from tome_serve.app import create_app
+from tome_serve.config import Settings
+from tome_serve.loading import load_model
+from tome_serve.models import LoadedModel
 
 MODEL = "vit_tiny_patch16_224"
 
@@ -91,7 +91,12 @@ def test_missing_pretrained_weights_fail_fast_with_advice(tmp_path) -> None:
         env.pop(proxy, None)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tome_serve"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert time.monotonic() - started < 60
@@ -102,7 +107,12 @@ def test_missing_pretrained_weights_fail_fast_with_advice(tmp_path) -> None:
 def test_unsupported_model_fails_start_up() -> None:
     env = server_env({"TOME_MODEL": "resnet18", "TOME_MODEL_KWARGS": "{}"})
     result = subprocess.run(
-        [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tome_serve"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     assert "cannot be served with token merging" in result.stderr
@@ -111,7 +121,12 @@ def test_unsupported_model_fails_start_up() -> None:
 def test_invalid_settings_are_reported() -> None:
     env = {**os.environ, "TOME_MAX_BATCH_SIZE": "0", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "tome_serve"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "max_batch_size" in result.stderr
 

@@ -14,9 +14,9 @@ from serverutil import TINY_MODEL_KWARGS
 from timm.data import create_transform
 
 import tome
-from server.config import Settings
-from server.loading import StartupError, load_model
-from server.models import largest_useful_r
+from tome_serve.config import Settings
+from tome_serve.loading import StartupError, load_model
+from tome_serve.models import largest_useful_r
 
 NAME = "vit_tiny_patch16_224"
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from tome_models import TINY
 
-from tome.weights import WeightsError, create
+from tome_serve.weights import WeightsError, create
 
 NAME, KWARGS = "vit_tiny_patch16_224", dict(TINY, img_size=32, num_classes=5)
 

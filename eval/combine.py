@@ -19,7 +19,7 @@ import torch
 import torch._dynamo.utils
 import torch.nn as nn
 
-import tome.timing
+import tome_bench.timing
 
 from .errors import EvalInputError
 from .metrics import Outputs, Quality
@@ -175,7 +175,7 @@ def warm_up(
             start = time.perf_counter()
             try:
                 variant(images)
-                tome.timing.synchronize(device)
+                tome_bench.timing.synchronize(device)
             except Exception as error:  # a compile or kernel failure marks this cell, not the whole run
                 cells[key].error = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
                 continue

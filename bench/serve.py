@@ -1,8 +1,8 @@
 """Server throughput and latency against the model's own throughput, measured in the same run.
 
-    python bench/serve_bench.py --model vit_small_patch16_224 --weights random --batch-size 8 --r 16
+    python -m tome_bench.serve --model vit_small_patch16_224 --weights random --batch-size 8 --r 16
 
-1. Starts ``python -m server`` (or uses ``--url``) with the given model and batching knobs.
+1. Starts ``python -m tome_serve`` (or uses ``--url``) with the given model and batching knobs.
 2. Direct: the same model, loaded and patched in this process the same way, timed on a ready-made
    batch of ``--batch-size`` preprocessed images (no HTTP, no decoding): the ceiling.
 3. Saturation: ``--concurrency`` closed-loop clients (default 3 x batch size) post a JPEG back to
@@ -40,13 +40,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import tome
+from tome_serve.config import Settings
+from tome_serve.loading import load_model
 
-import tome  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.loading import load_model  # noqa: E402
-from tome.timing import interleaved_seconds  # noqa: E402
+from .timing import interleaved_seconds
 
 
 @dataclass
@@ -252,7 +250,6 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
         "TOME_MODEL": args.model,
         "TOME_WEIGHTS": args.weights,
         "TOME_MODEL_KWARGS": args.model_kwargs,
@@ -267,7 +264,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "TOME_INSTANCES": str(args.instances),
         "TOME_LOG_LEVEL": "warning",
     }
-    process = subprocess.Popen([sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "tome_serve"], env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """Speed sweep: images/s of a ToMe-patched timm model against the unpatched model, over r and batch size.
 
-    python -m tome.bench --model vit_small_patch16_224 --r 0 8 16 --batch-sizes 1 8 --out bench-out
+    tome-bench --model vit_small_patch16_224 --r 0 8 16 --batch-sizes 1 8 --out bench-out
 
 All variants of one batch size are timed interleaved in one process, so the speedups compare like
 with like. Writes a table to stdout and ``results.csv``, ``results.json`` and ``speed.png`` to --out.
@@ -22,7 +22,8 @@ import timm
 import torch
 
 import tome
-from tome.timing import interleaved_seconds
+
+from .timing import interleaved_seconds
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,7 +41,7 @@ class Row:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tome.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tome-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
     parser.add_argument("--model-kwargs", default="{}", help="JSON of extra timm create_model kwargs")
     parser.add_argument("--r", type=int, nargs="+", default=[0, 4, 8, 12, 16])

@@ -3,7 +3,7 @@
 import csv
 import json
 
-from tome.bench import main
+from tome_bench.speed import main
 
 
 def test_bench_writes_every_report(tmp_path, capsys):

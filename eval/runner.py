@@ -11,7 +11,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import tome
-import tome.timing
+import tome_bench.timing
 
 from .data import Batch, ImageFiles, batches
 from .metrics import Outputs, Tally, cosine
@@ -172,7 +172,7 @@ def seconds_per_batch(
     images = images.to(device)
     calls = {key: (lambda fn=fn: fn(images)) for key, fn in variants.items()}
     with tqdm(total=rounds, unit="round", disable=not progress, desc="timing") as bar:
-        timed = tome.timing.interleaved_seconds(
+        timed = tome_bench.timing.interleaved_seconds(
             {str(i): fn for i, fn in enumerate(calls.values())},
             rounds,
             warmup=warmup,
