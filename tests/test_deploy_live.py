@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_deploy_docker import healthcheck_command
+from test_deploy_prometheus import NOT_YET_EXPORTED
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "tome-serve.json"
@@ -98,6 +99,8 @@ def test_queried_metrics_are_exported_with_the_labels_used(live_metrics, source)
     exprs = dashboard_expressions() if source == "dashboard" else rule_expressions()
     for expr in exprs:
         for name in set(re.findall(r"\btome_[a-z_]+\b", expr)):
+            if re.sub(r"_(bucket|sum|count)$", "", name) in NOT_YET_EXPORTED:
+                continue  # r=auto, defined in server/auto_metrics.py, wired into the server later
             assert name in exported, f"{source} queries {name}, which the server does not export"
             used = set(re.findall(r"\b(?:by|on) \(([^)]*)\)", expr))
             labels = {label.strip() for group in used for label in group.split(",")} - {"le", ""}

@@ -25,6 +25,18 @@ CONTRACT_METRICS = {
     "tome_tokens_merged_total",
     "tome_model_info",
 }
+# r=auto (issue 12), registered by server/auto_metrics.py. They carry no r label: r is their value.
+AUTO_METRICS = {
+    "tome_auto_r",
+    "tome_auto_target_ratio",
+    "tome_auto_requests_total",
+    "tome_auto_latency_target_seconds",
+    "tome_cost_images_per_second",
+    "tome_cost_dominated",
+}
+# Defined but not yet exported by the server (phase 2 of issue 12 wires them in): the live test skips
+# them until then. Empty this set when the wiring lands.
+NOT_YET_EXPORTED = set(AUTO_METRICS)
 
 
 def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess:
@@ -70,4 +82,5 @@ def test_rules_use_only_contract_metrics():
         for rule in group["rules"]:
             for name in re.findall(r"\btome_[a-z_]+", rule["expr"]):
                 base = re.sub(r"_(bucket|sum|count)$", "", name)
-                assert base in CONTRACT_METRICS, f"{rule.get('record') or rule.get('alert')} uses {name}"
+                known = CONTRACT_METRICS | AUTO_METRICS
+                assert base in known, f"{rule.get('record') or rule.get('alert')} uses {name}"
