@@ -61,20 +61,42 @@ def test_panels_use_the_provisioned_prometheus_data_source():
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
+def base_names(expr: str) -> set[str]:
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in metric_names(expr)}
+
+
 def test_queries_use_contract_metrics_and_are_split_by_r():
-    from test_deploy_prometheus import CONTRACT_METRICS
+    from test_deploy_prometheus import AUTO_METRICS, CONTRACT_METRICS
 
     for title, expr in queries():
-        names = metric_names(expr)
+        names = base_names(expr)
         assert names, f"{title}: {expr} reads no tome metric"
-        for name in names:
-            assert re.sub(r"_(bucket|sum|count)$", "", name) in CONTRACT_METRICS, f"{title}: {name}"
+        assert names <= CONTRACT_METRICS | AUTO_METRICS, f"{title}: {names}"
         if names == {"tome_model_info"}:
             continue  # the model table: tome_model_info has no r label
+        if names <= AUTO_METRICS:
+            continue  # r=auto: r is the value, not a label (checked below)
         for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
             assert "r" in [label.strip() for label in grouping.split(",")], f"{title}: {expr} not split by r"
         if "histogram_quantile" in expr:
             assert re.search(r"by \(le, r\)", expr), f"{title}: quantile must keep le and r"
+
+
+def test_auto_panels_show_chosen_r_load_and_target_attainment_per_model():
+    from test_deploy_prometheus import AUTO_METRICS
+
+    auto = [(title, expr) for title, expr in queries() if base_names(expr) <= AUTO_METRICS]
+    titles = " | ".join(title.lower() for title, _ in auto)
+    for needed in ("chosen r", "load", "target attainment", "latency / target"):
+        assert needed in titles, f"no r=auto panel for {needed}: {titles}"
+    used = set().union(*(base_names(expr) for _, expr in auto))
+    assert used == AUTO_METRICS - {"tome_auto_latency_target_seconds"}
+    for title, expr in auto:
+        for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
+            labels = [label.strip() for label in grouping.split(",")]
+            assert "model" in labels or "r" in labels, f"{title}: {expr} mixes models"
+        if "histogram_quantile" in expr:
+            assert re.search(r"by \(le, model\)", expr), f"{title}: quantile must keep le and model"
 
 
 def test_latency_panel_shows_p50_p95_p99():
