@@ -25,8 +25,11 @@ MET, MISSED, SHED = "met", "missed", "shed"
 class AutoMetrics:
     """Registers the r=auto metrics in ``registry`` (the server's own, see ``server.metrics``)."""
 
-    def __init__(self, registry: CollectorRegistry, tables: Callable[[], Iterable[CostTable]]) -> None:
-        """``tables`` returns the cost table of every loaded model at scrape time."""
+    def __init__(
+        self, registry: CollectorRegistry, tables: Callable[[], Iterable[CostTable]], lanes: int = 1
+    ) -> None:
+        """``tables`` returns the cost table of every loaded model at scrape time; ``lanes`` is the
+        number of batches of one model that run side by side (TOME_INSTANCES)."""
         self.chosen_r = Histogram(
             "tome_auto_r",
             "r chosen by r=auto, observed once per answered auto request.",
@@ -54,7 +57,7 @@ class AutoMetrics:
             ["model"],
             registry=registry,
         )
-        registry.register(CostCollector(tables))
+        registry.register(CostCollector(tables, lanes))
 
     def answered(self, model: str, r: int, latency_s: float, target_s: float) -> None:
         self.chosen_r.labels(model).observe(r)
@@ -71,24 +74,25 @@ class AutoMetrics:
 class CostCollector(Collector):
     """The cost tables as gauges, read at scrape time (they change with every real batch)."""
 
-    def __init__(self, tables: Callable[[], Iterable[CostTable]]) -> None:
-        self._tables = tables
+    def __init__(self, tables: Callable[[], Iterable[CostTable]], lanes: int = 1) -> None:
+        self._tables, self._lanes = tables, lanes
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(self._families())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        speed, dominated = self._families()
+        speed, dominated, capacity = self._families()
         for table in self._tables():
             for labels, images_per_s, is_dominated in table.metric_rows():
                 values = [labels["model"], labels["r"], labels["batch_size"]]
                 speed.add_metric(values, images_per_s)
                 dominated.add_metric(values, 1.0 if is_dominated else 0.0)
-        yield speed
-        yield dominated
+                if labels["batch_size"] == str(table.max_batch):
+                    capacity.add_metric([labels["model"], labels["r"]], self._lanes * images_per_s)
+        yield from (speed, dominated, capacity)
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         labels = ["model", "r", "batch_size"]
         speed = GaugeMetricFamily(
             "tome_cost_images_per_second",
@@ -100,4 +104,10 @@ class CostCollector(Collector):
             "1 where r is not faster than a smaller r at this batch size (r=auto never chooses it).",
             labels=labels,
         )
-        return speed, dominated
+        capacity = GaugeMetricFamily(
+            "tome_auto_capacity_images_per_second",
+            "Measured images/s of full batches at r on all inference threads of the model: the load "
+            "a replica carries at r. Offered auto load over the r=0 value is the autoscaling signal.",
+            labels=["model", "r"],
+        )
+        return speed, dominated, capacity

@@ -3,6 +3,9 @@ fail), and the resources wired to each other and to the server the way a rollout
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ from tome_serve.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
+AUTO_HPA = K8S / "auto" / "hpa.yaml"
+ADAPTER_RULES = K8S / "auto" / "prometheus-adapter-rules.yml"
 MANIFESTS = sorted(K8S.rglob("*.yaml"))
 # Oldest Kubernetes minor the manifests must still apply to (autoscaling/v2 and policy/v1 are GA there),
 # and the newest the schema package knows.
@@ -23,7 +28,8 @@ def documents(path: Path) -> list[dict]:
 
 
 def resource(kind: str, name: str = "tome-serve") -> dict:
-    for path in MANIFESTS:
+    """The resource from deploy/k8s itself, before any from an optional subfolder (auto/, monitoring/)."""
+    for path in sorted(MANIFESTS, key=lambda p: (p.parent != K8S, p)):
         for doc in documents(path):
             if doc["kind"] == kind and doc["metadata"]["name"] == name:
                 return doc
@@ -142,3 +148,67 @@ def test_autoscaler_and_disruption_budget_target_the_deployment():
     pdb = resource("PodDisruptionBudget")
     pod_labels = resource("Deployment")["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def adapter_rules() -> list[dict]:
+    values = yaml.safe_load(ADAPTER_RULES.read_text())
+    assert values["rules"]["default"] is False, "only our rules: the chart's defaults expose every series"
+    return values["rules"]["custom"]
+
+
+def test_auto_autoscaler_replaces_the_cpu_one_and_scales_on_adapter_metrics():
+    """deploy/k8s/auto/hpa.yaml has the CPU autoscaler's name and target, so applying it replaces that
+    one (two autoscalers on one Deployment would fight), and scales on Pods metrics the adapter serves."""
+    (auto,) = documents(AUTO_HPA)
+    cpu = resource("HorizontalPodAutoscaler")
+    assert auto["kind"] == cpu["kind"] and auto["metadata"]["name"] == cpu["metadata"]["name"]
+    assert auto["spec"]["scaleTargetRef"] == cpu["spec"]["scaleTargetRef"]
+    assert auto["spec"]["minReplicas"] >= 2
+    served = {rule["name"]["as"] for rule in adapter_rules()}
+    names = []
+    for metric in auto["spec"]["metrics"]:
+        assert metric["type"] == "Pods"
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+        names.append(metric["pods"]["metric"]["name"])
+    assert set(names) == {"tome_auto_load_ratio", "tome_auto_target_missed_ratio"}
+    assert set(names) <= served
+
+
+def test_adapter_rules_map_series_to_pods_and_read_only_auto_metrics():
+    from test_deploy_prometheus import AUTO_METRICS
+
+    for rule in adapter_rules():
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
+        assert re.search(rule["name"]["matches"], series), rule["name"]
+        assert 'namespace!=""' in rule["seriesQuery"] and 'pod!=""' in rule["seriesQuery"]
+        query = rule["metricsQuery"]
+        assert query.count("<<.GroupBy>>") >= 2 and "<<.LabelMatchers>>" in query
+        for name in re.findall(r"\btome_[a-z_]+\b", query):
+            assert re.sub(r"_(bucket|sum|count)$", "", name) in AUTO_METRICS, f"{rule['name']['as']}: {name}"
+
+
+def test_adapter_queries_parse_as_promql(tmp_path):
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip(
+            "promtool not installed (Debian: apt-get install prometheus; scripts/test does it as root)"
+        )
+    substitutions = {
+        "<<.GroupBy>>": "namespace, pod",
+        "<<.LabelMatchers>>": 'namespace="default", pod=~"a|b"',
+    }
+    rules = []
+    for index, rule in enumerate(adapter_rules()):
+        query = rule["metricsQuery"]
+        for placeholder, value in substitutions.items():
+            query = query.replace(placeholder, value)
+        rules.append({"record": f"adapter:query_{index}", "expr": query})
+    rules.append({"record": "adapter:series", "expr": adapter_rules()[0]["seriesQuery"]})
+    path = tmp_path / "adapter_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": rules}]}))
+    result = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

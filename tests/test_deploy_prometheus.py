@@ -33,6 +33,7 @@ AUTO_METRICS = {
     "tome_auto_latency_target_seconds",
     "tome_cost_images_per_second",
     "tome_cost_dominated",
+    "tome_auto_capacity_images_per_second",
 }
 # Defined but not yet exported by the server (phase 2 of issue 12 wires them in): the live test skips
 # them until then. Empty this set when the wiring lands.
