@@ -4,7 +4,7 @@ not pay at batch 1 and pays well at batch 8)."""
 
 from __future__ import annotations
 
-from server.costs import CostTable
+from tome_serve.costs import CostTable
 
 R_MAX = 24
 MAX_BATCH = 8

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_deploy_prometheus import AUTO_METRICS
 
-from server.auto_metrics import AutoMetrics
+from tome_serve.auto_metrics import AutoMetrics
 
 
 def values(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:

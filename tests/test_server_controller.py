@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, cpu_like, warmed_table, with_slow_r20
 
-from server.controller import AutoController, Backlog, Overloaded, Waiting
+from tome_serve.controller import AutoController, Backlog, Overloaded, Waiting
 
 TARGET_S = 0.25
 

@@ -8,8 +8,8 @@ import threading
 import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, TimedRunner, cpu_like, warmed_table, with_slow_r20
 
-from server.costs import CostTable, batch_grid, coarse_to_fine, r_grid, warm_up_order
-from server.models import r_costs
+from tome_serve.costs import CostTable, batch_grid, coarse_to_fine, r_grid, warm_up_order
+from tome_serve.models import r_costs
 
 
 def test_grids_always_hold_their_ends():
