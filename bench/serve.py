@@ -72,6 +72,8 @@ class Outcome:
     sent_at: float
     latency_s: float
     status: int
+    r: int | None = None
+    """The r the server used (its X-Tome-R header), where the open loop read it."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -115,6 +117,8 @@ class Connection:
     def __init__(self, host: str, port: int, request: bytes) -> None:
         self._address, self._request = (host, port), request
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.last_head = self.last_body = b""
+        """Status line and headers, and body, of the last response."""
 
     async def send(self) -> int:
         if self._streams is None:
@@ -122,9 +126,9 @@ class Connection:
         reader, writer = self._streams
         try:
             writer.write(self._request)
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = self.last_head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            await reader.readexactly(int(length.group(1)) if length else 0)
+            self.last_body = await reader.readexactly(int(length.group(1)) if length else 0)
             if re.search(rb"(?im)^connection:\s*close", head):
                 self.close()
             return int(head.split(b" ", 2)[1])
@@ -138,10 +142,13 @@ class Connection:
             self._streams = None
 
 
-def classify_request(url: str, payload: bytes, r: int, headers: dict[str, str]) -> tuple[str, int, bytes]:
+def classify_request(
+    url: str, payload: bytes, r: int | str, headers: dict[str, str], params: str = ""
+) -> tuple[str, int, bytes]:
+    """One raw request, sent as is many times; ``params`` are more query parameters ("&name=value")."""
     parts = urlsplit(url)
     lines = [
-        f"POST /classify?r={r}&top_k=1 HTTP/1.1",
+        f"POST /classify?r={r}&top_k=1{params} HTTP/1.1",
         f"Host: {parts.netloc}",
         "Content-Type: image/jpeg",
         f"Content-Length: {len(payload)}",
@@ -181,15 +188,43 @@ async def closed_loop(
     return outcomes
 
 
+def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> list[float]:
+    """Arrival offsets in [0, seconds) of a Poisson process at ``rate`` per second (the first at 0),
+    seeded so every run and every variant of a comparison sees the same arrivals."""
+    rng = np.random.default_rng(seed)
+    offsets, at = [], 0.0
+    while at < seconds:
+        offsets.append(at)
+        at += rng.exponential(1.0 / rate)
+    return offsets
+
+
+def answer_r(head: bytes, body: bytes) -> int | None:
+    """The r the server used: its X-Tome-R header, or the "r" of a JSON answer (/classify)."""
+    found = re.search(rb"(?im)^x-tome-r:\s*(\d+)", head)
+    if found:
+        return int(found.group(1))
+    if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"{"):
+        return None
+    r = json.loads(body).get("r")
+    return r if isinstance(r, int) else None
+
+
 async def open_loop(
-    url: str, payload: bytes, r: int, rate: float, warmup: float, seconds: float, headers: dict[str, str]
+    url: str,
+    payload: bytes,
+    r: int | str,
+    rate: float,
+    warmup: float,
+    seconds: float,
+    headers: dict[str, str],
+    params: str = "",
 ) -> list[Outcome]:
     """Requests arrive at ``rate`` per second whatever the server does (Poisson arrivals)."""
     outcomes: list[Outcome] = []
-    rng = np.random.default_rng(0)
     start = time.monotonic()
     window = (start + warmup, start + warmup + seconds)
-    host, port, request = classify_request(url, payload, r, headers)
+    host, port, request = classify_request(url, payload, r, headers, params)
     # At most 256 connections, so the client cannot drown itself; an arrival that finds every
     # connection busy waits in the client, and that wait counts in its latency.
     idle: asyncio.Queue[Connection] = asyncio.Queue()
@@ -200,16 +235,15 @@ async def open_loop(
         sent = time.monotonic()
         connection = await idle.get()
         status = await connection.send()
+        used_r = answer_r(connection.last_head, connection.last_body)
         idle.put_nowait(connection)
         if window[0] <= sent:
-            outcomes.append(Outcome(sent, time.monotonic() - sent, status))
+            outcomes.append(Outcome(sent, time.monotonic() - sent, status, used_r))
 
     tasks = []
-    next_at = start
-    while next_at < window[1]:
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    for offset in poisson_schedule(rate, warmup + seconds):
+        await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
         tasks.append(asyncio.create_task(arrival()))
-        next_at += rng.exponential(1.0 / rate)
     await asyncio.gather(*tasks)
     while not idle.empty():
         idle.get_nowait().close()
@@ -246,7 +280,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(
+    args: argparse.Namespace, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``python -m tome_serve`` configured from ``args`` (and ``extra_env``); returns it once ready."""
     port = free_port()
     env = {
         **os.environ,
@@ -263,6 +300,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "TOME_REQUEST_TIMEOUT_MS": str(args.request_timeout_ms),
         "TOME_INSTANCES": str(args.instances),
         "TOME_LOG_LEVEL": "warning",
+        **(extra_env or {}),
     }
     process = subprocess.Popen([sys.executable, "-m", "tome_serve"], env=env)
     url = f"http://127.0.0.1:{port}"
