@@ -243,20 +243,28 @@ class CostTable:
         repeats: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> int:
-        """Measure grid cells in :func:`warm_up_order` until the budget would be overrun; returns
-        the number of cells measured. Each cell is timed ``repeats`` times after one untimed call
-        (the first call at a new shape pays for allocations), and keeps the median."""
+        """Measure grid cells in :func:`warm_up_order` until the budget would be overrun; returns the
+        number of cells measured. A cell's first visit makes one untimed call (the first call at a new
+        shape pays for allocations) and one timed; later passes over the same cells add a sample each,
+        up to ``repeats``, and a cell keeps the median of its samples. Passes, rather than all samples
+        of a cell at once, cover the grid first under a tight budget, and spread a burst of load from
+        elsewhere on the machine over many cells instead of ruining one (a cell measured too slow is
+        rarely chosen, so real batches would seldom correct it)."""
         deadline = clock() + budget_s
-        measured = 0
-        for r, size in warm_up_order(self.rs, batch_grid(self.max_batch)):
-            guess = self.snapshot().seconds(r, size) if self.snapshot().ready else 0.0
-            if clock() + (repeats + 1) * guess > deadline:
-                continue  # a cheaper cell later in the order may still fit
-            timer(r, size)
-            times = sorted(timer(r, size) for _ in range(repeats))
-            self._set(r, size, times[len(times) // 2])
-            measured += 1
-        return measured
+        samples: dict[tuple[int, int], list[float]] = {}
+        order = warm_up_order(self.rs, batch_grid(self.max_batch))
+        for visit in range(repeats):
+            for cell in order if visit == 0 else list(samples):
+                snapshot = self.snapshot()
+                calls = 2 if visit == 0 else 1
+                if snapshot.ready and clock() + calls * snapshot.seconds(*cell) > deadline:
+                    continue  # a cheaper cell later in the order may still fit
+                if visit == 0:
+                    timer(*cell)
+                times = samples.setdefault(cell, [])
+                times.append(timer(*cell))
+                self._set(*cell, sorted(times)[len(times) // 2])
+        return len(samples)
 
     def observe(self, r: int, batch_size: int, seconds: float) -> None:
         """Fold in a real batch's forward seconds. Batches at an r off the grid (fixed-r clients) are

@@ -166,3 +166,21 @@ def test_metric_rows_label_every_cell():
     assert {(labels["r"], labels["batch_size"]) for labels, _, dominated in rows if dominated} == {
         (str(r), "1") for r in r_grid(24)[1:]
     } | at_batch_2
+
+
+def test_a_burst_of_load_during_warm_up_spoils_single_samples_not_cells():
+    """Another process takes the CPU for a moment: the samples taken then are 5x too slow. Passes
+    over the grid put at most one sample of each cell into the burst, and the median drops it."""
+    clock = FakeClock()
+    burst = (clock(), clock() + 1.5)
+
+    def seconds(r: int, batch_size: int) -> float:
+        slow = 5.0 if burst[0] <= clock() < burst[1] else 1.0
+        return slow * cpu_like(r, batch_size)
+
+    table = CostTable("fake", R_MAX, MAX_BATCH)
+    table.warm_up(TimedRunner(clock, seconds), budget_s=1e9, repeats=3, clock=clock)
+    snapshot = table.snapshot()
+    for r in table.rs:
+        for size in batch_grid(MAX_BATCH):
+            assert snapshot.seconds(r, size) == pytest.approx(cpu_like(r, size)), (r, size)
