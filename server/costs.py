@@ -140,6 +140,18 @@ class Snapshot:
             raise ValueError(f"batch size {batch_size} outside 1..{self.max_batch}")
         return self._seconds[r][batch_size - 1]
 
+    def estimate(self, r: int, batch_size: int) -> float:
+        """Predicted seconds at any r in [0, r_max] (fixed-r clients use r off the grid): linear
+        between the grid r around it."""
+        if r in self._seconds:
+            return self.seconds(r, batch_size)
+        above = bisect.bisect_right(self.rs, r)
+        if not 0 < above < len(self.rs):
+            raise ValueError(f"r={r} outside 0..{self.rs[-1]}")
+        low, high = self.rs[above - 1], self.rs[above]
+        weight = (r - low) / (high - low)
+        return (1 - weight) * self.seconds(low, batch_size) + weight * self.seconds(high, batch_size)
+
     def usable(self, batch_size: int) -> tuple[int, ...]:
         """The grid r that are not dominated at this batch size, ascending (each faster than the last)."""
         return self._usable[batch_size]

@@ -184,3 +184,11 @@ def test_a_burst_of_load_during_warm_up_spoils_single_samples_not_cells():
     for r in table.rs:
         for size in batch_grid(MAX_BATCH):
             assert snapshot.seconds(r, size) == pytest.approx(cpu_like(r, size)), (r, size)
+
+
+def test_estimate_interpolates_off_grid_r_for_fixed_r_batches():
+    snapshot = warmed_table().snapshot()
+    assert snapshot.estimate(16, 8) == snapshot.seconds(16, 8)
+    assert snapshot.estimate(6, 8) == pytest.approx(cpu_like(6, 8))  # the fake is linear in r
+    with pytest.raises(ValueError):
+        snapshot.estimate(25, 8)
