@@ -32,6 +32,10 @@ class AutoR:
     ) -> None:
         """``table`` is the model's cost table (warmed up, or filling from real batches);
         ``auto_max_r`` the server's cap for it; ``lanes`` its inference threads (TOME_INSTANCES)."""
+        if not table.snapshot().ready:
+            raise ValueError(
+                f"{table.model}: warm the cost table up first (a budget of 0 still measures one cell)"
+            )
         self.table, self.metrics = table, metrics
         self.backlog = Backlog(lanes, clock)
         self.controller = AutoController(

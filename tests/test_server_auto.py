@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from tome_serve.auto import AutoR
 from tome_serve.auto_metrics import AutoMetrics
 from tome_serve.controller import Overloaded, Waiting
+from tome_serve.costs import CostTable
 
 
 def auto_r(clock: FakeClock) -> tuple[AutoR, CollectorRegistry]:
@@ -59,3 +60,8 @@ def test_sheds_answers_and_timeouts_are_counted():
         return registry.get_sample_value("tome_auto_requests_total", {"model": "fake", "outcome": outcome})
 
     assert (count("shed"), count("met"), count("missed")) == (1, 1, 1)
+
+
+def test_an_empty_cost_table_is_refused_up_front():
+    with pytest.raises(ValueError, match="warm the cost table up first"):
+        AutoR(CostTable("fake", R_MAX, MAX_BATCH), auto_max_r=R_MAX)
