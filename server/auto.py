@@ -48,14 +48,14 @@ class AutoR:
 
     def admit(self, queued: Sequence[Waiting], request: Waiting) -> None:
         try:
-            self.controller.admit(queued, self.backlog.ahead_s(), request)
+            self.controller.admit(queued, self.backlog.busy_s(), request)
         except Overloaded:
             if self.metrics is not None:
                 self.metrics.shed(self.model)
             raise
 
     def choose(self, queued: Sequence[Waiting]) -> Decision:
-        return self.controller.decide(queued, self.backlog.ahead_s())
+        return self.controller.decide(queued, self.backlog.busy_s())
 
     def handed(self, r: int, batch_size: int) -> int:
         """A batch of the model was handed to its inference threads; returns its backlog token."""

@@ -9,9 +9,10 @@ queues nor runs anything. Auto requests of one model share one FIFO queue; whoev
 - :meth:`AutoController.decide` when a batch is about to be formed from the head of the queue: it
   returns the batch's r.
 
-Prediction. Batches of the queue run in FIFO order at one r; batch ``j`` starts after the work
-``ahead_s`` already handed to the inference threads, plus ``j // lanes`` full batches, and takes the
-cost table's time for its size. A request is on time if its batch finishes by ``arrived + target``.
+Prediction. Batches of the queue run in FIFO order at one r, each on the inference thread that frees
+first, after the work already handed to the threads (``busy_s``: seconds until each is free, from
+:class:`Backlog`), and take the cost table's time for their size. A request is on time if its batch
+finishes by ``arrived + target``.
 
 Choice. Requests that would be late even at the strongest allowed r are left out of the criterion
 (they are late whatever we do; letting them force the strongest merge would hurt everyone else).
@@ -120,18 +121,19 @@ class AutoController:
         self._needs: deque[tuple[float, int]] = deque()  # (time, needed r), needed r decreasing
         self._arrivals: deque[float] = deque()
 
-    def admit(self, queue: Sequence[Waiting], ahead_s: float, request: Waiting) -> None:
+    def admit(self, queue: Sequence[Waiting], busy_s: Sequence[float], request: Waiting) -> None:
         """Count the arrival, and raise :class:`Overloaded` if ``request``, queued behind ``queue``,
         would miss its target even at its floor, although it would meet it on an idle server (when
         not even an idle server can meet a target, refusing cannot help: it is served as fast as its
-        floor allows). Its batch is assumed full: under load, later arrivals fill it."""
+        floor allows). Batches are assumed full: under load, later arrivals fill them. ``busy_s``:
+        seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free)."""
         costs, now = self._costs(), self._clock()
         self._arrivals.append(now)
         r = costs.fastest_up_to(min(self.max_r, request.max_r), self.max_batch)
         if now + costs.seconds(r, 1) > request.deadline:
             return
-        batches_ahead = len(queue) // self.max_batch // self.lanes
-        finish = now + ahead_s + (batches_ahead + 1) * costs.seconds(r, self.max_batch)
+        batches = len(queue) // self.max_batch + 1
+        finish = now + self._batch_ends(costs, busy_s, r, [self.max_batch] * batches)[-1]
         if finish > request.deadline:
             raise Overloaded(finish - request.deadline, finish - request.arrived, request.target_s)
 
@@ -141,29 +143,30 @@ class AutoController:
             self._arrivals.popleft()
         return len(self._arrivals) / self.rate_window_s
 
-    def decide(self, queue: Sequence[Waiting], ahead_s: float) -> Decision:
-        """The r of the batch about to be formed from the head of ``queue`` (not empty)."""
+    def decide(self, queue: Sequence[Waiting], busy_s: Sequence[float]) -> Decision:
+        """The r of the batch about to be formed from the head of ``queue`` (not empty); ``busy_s``
+        as for :meth:`admit`."""
         if not queue:
             raise ValueError("no batch to decide for: the queue is empty")
         costs, now = self._costs(), self._clock()
         size = min(len(queue), self.max_batch)
         cap = min(self.max_r, *(waiting.max_r for waiting in queue[:size]))
-        needed = max(self._needed_for_targets(costs, now, queue, ahead_s), self._needed_for_rate(costs))
+        needed = max(self._needed_for_targets(costs, now, queue, busy_s), self._needed_for_rate(costs))
         r = costs.fastest_up_to(min(self._hold(now, needed), cap), size)
-        late = self._on_time(costs, now, queue, ahead_s, r).count(False)
+        late = self._on_time(costs, now, queue, busy_s, r).count(False)
         return Decision(r, needed, size, costs.seconds(r, size), late)
 
     def _needed_for_targets(
-        self, costs: CostModel, now: float, queue: Sequence[Waiting], ahead_s: float
+        self, costs: CostModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float]
     ) -> int:
         """The smallest usable r that gets every savable queued request done on time."""
         size = min(len(queue), self.max_batch)
         strongest = costs.fastest_up_to(self.max_r, size)
-        savable = self._on_time(costs, now, queue, ahead_s, strongest)
+        savable = self._on_time(costs, now, queue, busy_s, strongest)
         for r in costs.usable(size):
             if r >= strongest:
                 break
-            if all(map(_implies, savable, self._on_time(costs, now, queue, ahead_s, r))):
+            if all(map(_implies, savable, self._on_time(costs, now, queue, busy_s, r))):
                 return r
         return strongest
 
@@ -179,17 +182,25 @@ class AutoController:
         return usable[-1]
 
     def _on_time(
-        self, costs: CostModel, now: float, queue: Sequence[Waiting], ahead_s: float, r: int
+        self, costs: CostModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float], r: int
     ) -> list[bool]:
         """Whether each of the FIFO ``queue`` finishes by its deadline if all its batches run at ``r``."""
-        full = costs.seconds(r, self.max_batch)
-        on_time = []
-        for index, waiting in enumerate(queue):
-            batch = index // self.max_batch
-            size = min(self.max_batch, len(queue) - batch * self.max_batch)
-            finish = now + ahead_s + (batch // self.lanes) * full + costs.seconds(r, size)
-            on_time.append(finish <= waiting.deadline)
-        return on_time
+        sizes = [min(self.max_batch, len(queue) - start) for start in range(0, len(queue), self.max_batch)]
+        ends = self._batch_ends(costs, busy_s, r, sizes)
+        return [now + ends[index // self.max_batch] <= w.deadline for index, w in enumerate(queue)]
+
+    def _batch_ends(self, costs: CostModel, busy_s: Sequence[float], r: int, sizes: list[int]) -> list[float]:
+        """Seconds from now until each batch (FIFO, at ``r``) ends, each started on the inference
+        thread that frees first."""
+        if len(busy_s) > self.lanes:
+            raise ValueError(f"{len(busy_s)} busy times for {self.lanes} inference threads")
+        free = sorted([*busy_s, *[0.0] * (self.lanes - len(busy_s))])
+        ends = []
+        for size in sizes:
+            end = heapq.heappop(free) + costs.seconds(r, size)
+            heapq.heappush(free, end)
+            ends.append(end)
+        return ends
 
     def _hold(self, now: float, needed: int) -> int:
         """Record ``needed`` and return the largest r needed within the last ``hold_s``."""
@@ -233,8 +244,12 @@ class Backlog:
             self._batches.pop(token, None)
 
     def ahead_s(self) -> float:
-        """Seconds until some thread is free for a new batch: running batches' predicted remainders,
-        then waiting batches in order, each on the thread that frees first."""
+        """Seconds until some thread is free for a new batch."""
+        return self.busy_s()[0]
+
+    def busy_s(self) -> list[float]:
+        """Seconds until each thread is free, ascending: running batches' predicted remainders, then
+        waiting batches in order, each on the thread that frees first."""
         now = self._clock()
         with self._lock:
             batches = sorted(self._batches.items())
@@ -247,4 +262,4 @@ class Backlog:
                 heapq.heapreplace(free, free[0] + max(0.0, predicted - (now - started)))
         for predicted in waiting:
             heapq.heapreplace(free, free[0] + predicted)
-        return free[0]
+        return sorted(free)
