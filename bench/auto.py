@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     _, payload = test_image(args.image, args.image_size)
     process, url = (None, args.url) if args.url else start_server(args, server_env(args))
     try:
-        check_auto(url, payload, headers, args.target_ms)
+        if AUTO in args.variants:
+            check_auto(url, payload, headers, args.target_ms)
         clients = args.concurrency or 3 * args.batch_size
         saturated = closed_loop(url, payload, 0, clients, args.warmup, args.duration, headers)
         capacity = summarize("saturation r=0", asyncio.run(saturated), args.duration, None).throughput_ips
@@ -228,11 +229,22 @@ def main(argv: list[str] | None = None) -> int:
 def machine() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel names it (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def write(out: Path, result: dict, cells: list[Cell]) -> None:
@@ -260,6 +272,8 @@ def plot(cells: list[Cell], target_ms: float, path: Path) -> None:
         label = "auto" if variant == AUTO else f"r={variant}"
         goodput.plot([c.load for c in mine], [c.goodput_rps for c in mine], marker="o", label=label)
         mean_r.plot([c.load for c in mine], [c.mean_r for c in mine], marker="o", label=label)
+    offered = sorted({(c.load, c.offered_rps) for c in cells})
+    goodput.plot([load for load, _ in offered], [rate for _, rate in offered], "k--", label="offered")
     goodput.set(xlabel="offered load (x r=0 saturation)", ylabel=f"answers within {target_ms:g} ms per s")
     mean_r.set(xlabel="offered load (x r=0 saturation)", ylabel="mean r of answered requests")
     for axes in (goodput, mean_r):
