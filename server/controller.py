@@ -129,6 +129,7 @@ class AutoController:
         seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free)."""
         costs, now = self._costs(), self._clock()
         self._arrivals.append(now)
+        self.arrival_rate()  # drops arrivals older than the window, so the deque stays bounded
         r = costs.fastest_up_to(min(self.max_r, request.max_r), self.max_batch)
         if now + costs.seconds(r, 1) > request.deadline:
             return
