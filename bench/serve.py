@@ -73,7 +73,7 @@ class Outcome:
     latency_s: float
     status: int
     r: int | None = None
-    """The r the server used (its X-Tome-R header), where the open loop read it."""
+    """The r the server used (X-Tome-R, or the JSON answer's "r"), where the open loop read it."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
