@@ -1,6 +1,6 @@
 """Speed sweep: images/s of a ToMe-patched timm model against the unpatched model, over r and batch size.
 
-    tome-bench --model vit_small_patch16_224 --r 0 8 16 --batch-sizes 1 8 --out bench-out
+    tome-bench --model vit_small_patch16_224 --r 0,8,16 --batch-sizes 1 8 --out bench-out
 
 All variants of one batch size are timed interleaved in one process, so the speedups compare like
 with like. Writes a table to stdout and ``results.csv``, ``results.json`` and ``speed.png`` to --out.
@@ -37,14 +37,21 @@ class Row:
     r: int | None  # None: the unpatched timm model
     images_per_s: float
     speedup: float
-    gflops: float
+    gmacs: float
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tome-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224", help="timm model name (random weights)")
     parser.add_argument("--model-kwargs", default="{}", help="JSON of extra timm create_model kwargs")
-    parser.add_argument("--r", type=int, nargs="+", default=[0, 4, 8, 12, 16])
+    parser.add_argument(
+        "--r",
+        nargs="+",
+        default=["0,4,8,12,16"],
+        metavar="R",
+        help="r values, e.g. --r 0,4,8 (spaces work too: --r 0 4 8); at most tome.largest_useful_r "
+        "(default: 0,4,8,12,16)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=10, help="timed calls per variant (median is kept)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -53,9 +60,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
-    if any(r < 0 for r in args.r) or any(b < 1 for b in args.batch_sizes):
-        parser.error("r must be >= 0 and batch sizes >= 1")
+    try:
+        args.r = tome.parse_r_values(args.r)
+    except ValueError as error:
+        parser.error(str(error))
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error("batch sizes must be >= 1")
     return args
+
+
+def _check_r(model: torch.nn.Module, name: str, rs: list[int]) -> None:
+    """The server's range: 0 to tome.largest_useful_r; anything above exits with status 2."""
+    top = tome.largest_useful_r(model)
+    bad = [r for r in rs if r > top]
+    if bad:
+        print(
+            f"tome-bench: error: r={bad[0]} is out of range for {name}: r must lie in 0..{top} "
+            f"(r={top} already leaves the fewest output tokens)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 def _variants(baseline, patched, x: torch.Tensor, rs: list[int]) -> dict[str, Callable[[], object]]:
@@ -86,7 +110,9 @@ def sweep(args: argparse.Namespace) -> list[Row]:
     dtype = DTYPES[args.dtype]
     baseline = timm.create_model(args.model, pretrained=False, **json.loads(args.model_kwargs))
     baseline = baseline.eval().to(args.device, dtype)
+    _check_r(baseline, args.model, args.r)
     patched = tome.patch(copy.deepcopy(baseline))
+    gmacs = {c.r: c.gmacs for c in tome.cost_table(baseline, sorted({0, *args.r}))}
     size = baseline.patch_embed.img_size
     rows = []
     for batch in args.batch_sizes:
@@ -99,8 +125,8 @@ def sweep(args: argparse.Namespace) -> list[Row]:
         for name, secs in seconds.items():
             r = None if name == "timm" else int(name[2:])
             rate = batch / secs
-            gflops = tome.flops(baseline, r or 0)
-            rows.append(Row(args.model, args.device, args.dtype, batch, r, rate, rate / base_rate, gflops))
+            cost = gmacs[r or 0]
+            rows.append(Row(args.model, args.device, args.dtype, batch, r, rate, rate / base_rate, cost))
     return rows
 
 
@@ -109,7 +135,7 @@ def _table(rows: list[Row]) -> str:
     for row in rows:
         name = "timm" if row.r is None else f"r={row.r}"
         line = (
-            f"{row.batch_size:>5} {name:>8} {row.images_per_s:>9.2f} {row.speedup:>7.3f}x {row.gflops:>7.2f}"
+            f"{row.batch_size:>5} {name:>8} {row.images_per_s:>9.2f} {row.speedup:>7.3f}x {row.gmacs:>7.2f}"
         )
         lines.append(line)
     return "\n".join(lines)

@@ -18,6 +18,8 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
+import tome
+
 from . import combine, report, sweep
 from .data import ImageFiles, LabelSpace, Listing, list_images
 from .errors import EvalInputError
@@ -56,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--r",
         type=_r_list,
+        nargs="+",
         default=None,
-        metavar="LIST",
-        help=f"comma-separated r values; r=0 is always added (default: {_join(DEFAULT_R)}, "
-        "those the model allows)",
+        metavar="R",
+        help=f"r values, e.g. --r 0,4,8 (spaces work too: --r 0 4 8); r=0 is always added "
+        f"(default: {_join(DEFAULT_R)}, those the model allows: 0 to tome.largest_useful_r)",
     )
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument(
@@ -125,15 +128,9 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _r_list(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one r")
-    negative = [v for v in values if v < 0]
-    if negative:
-        raise argparse.ArgumentTypeError(f"r must not be negative, got {negative[0]}")
-    return values
+        return tome.parse_r_values(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive(text: str) -> int:
@@ -160,6 +157,8 @@ def _integer(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.r is not None:
+        args.r = [r for values in args.r for r in values]  # one list per word after --r
     try:
         return run(args)
     except EvalInputError as error:
@@ -182,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             f"note: {args.weights} has no classifier head ({', '.join(loaded.missing_head_keys)}): the head "
             "is random, so accuracy is meaningless; agreement compares arg-maxes of a random projection"
         )
-    requested = args.r or [r for r in DEFAULT_R if r <= sweep.largest_r(model)]
+    requested = args.r or [r for r in DEFAULT_R if r <= tome.largest_useful_r(model)]
     r_values = sweep.check_r_values(requested, model, args.model)
     listing = _listing(args, model) if args.folder else None
     dataset = ImageFiles(listing.samples, _transform(model)) if listing else None

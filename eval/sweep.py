@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 import tome
-from tome.merge import max_merge
 
 from .data import Listing
 from .errors import EvalInputError
@@ -41,23 +40,15 @@ class SweepRow:
         return {**row, **{k: quality.get(k) for k in Quality.__dataclass_fields__ if k != "images"}}
 
 
-def input_tokens(model: nn.Module) -> int:
-    return model.patch_embed.num_patches + model.num_prefix_tokens
-
-
-def largest_r(model: nn.Module) -> int:
-    """Beyond this r nothing changes: the first layer already merges half of its mergeable tokens."""
-    return max_merge(input_tokens(model), model.num_prefix_tokens)
-
-
 def check_r_values(values: list[int], model: nn.Module, model_name: str) -> list[int]:
-    """Sorted, de-duplicated, always with the r=0 reference; out-of-range values are an input error."""
-    top = largest_r(model)
+    """Sorted, de-duplicated, always with the r=0 reference; out-of-range values are an input error.
+    The range is the server's: 0 to :func:`tome.largest_useful_r`."""
+    top = tome.largest_useful_r(model)
     bad = [r for r in values if not 0 <= r <= top]
     if bad:
         raise EvalInputError(
             f"r={bad[0]} is out of range for {model_name}: r must lie in 0..{top} (with "
-            f"{input_tokens(model)} input tokens, the first layer can merge at most {top})"
+            f"{tome.input_tokens(model)} input tokens, r={top} already leaves the fewest output tokens)"
         )
     return sorted({0, *values})
 
@@ -73,14 +64,13 @@ def rows_for(
     quality = {r: folder.tallies[r].summary(has_classifier) for r in r_values} if folder else {}
     base = quality.get(0)
     rows = []
-    for r in r_values:
-        q = quality.get(r)
-        counts = tome.token_counts(input_tokens(model), len(model.blocks), r, model.num_prefix_tokens)
+    for cost in tome.cost_table(model, r_values):
+        r, q = cost.r, quality.get(cost.r)
         rows.append(
             SweepRow(
                 r=r,
-                gmacs=tome.flops(model, r),
-                tokens_out=counts[-1],
+                gmacs=cost.gmacs,
+                tokens_out=cost.output_tokens,
                 images_per_second=batch_size / seconds[r] if seconds else None,
                 speedup=seconds[0] / seconds[r] if seconds else None,
                 quality=q,

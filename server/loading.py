@@ -18,7 +18,7 @@ import tome
 from . import weights as weights_io
 from .config import Settings
 from .labels import class_labels
-from .models import LoadedModel, input_tokens, largest_useful_r, r_costs
+from .models import LoadedModel
 from .preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     if not module.num_classes:
         notes.append("no classifier head (num_classes=0): /classify is refused, /visualize works")
     module.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    r_max = largest_useful_r(module)
+    r_max = tome.largest_useful_r(module)
     if settings.max_r is not None:
         r_max = min(r_max, settings.max_r)
     for note in notes:
@@ -64,10 +64,10 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
         dtype=dtype,
         preprocessor=Preprocessor.for_model(module),
         labels=class_labels(module),
-        num_tokens=input_tokens(module),
+        num_tokens=tome.input_tokens(module),
         r_max=r_max,
         default_r=min(settings.default_r, r_max),
-        costs=r_costs(module, r_max),
+        costs=tome.cost_table(module, range(r_max + 1)),
         notes=notes,
     )
 

@@ -205,7 +205,7 @@ def _model_info(model: LoadedModel, default: bool) -> ModelInfo:
         num_classes=model.num_classes,
         notes=list(model.notes),
         costs=[
-            RCostInfo(r=c.r, gflops=c.gflops, speedup=c.speedup, output_tokens=c.output_tokens)
+            RCostInfo(r=c.r, gmacs=c.gmacs, speedup=c.speedup, output_tokens=c.output_tokens)
             for c in model.costs
         ],
     )

@@ -36,8 +36,8 @@ class ClassifyResponse(BaseModel):
 
 class RCostInfo(BaseModel):
     r: int
-    gflops: float = Field(description="Analytical GMACs per image, the unit the ToMe paper calls FLOPs")
-    speedup: float = Field(description="gflops at r=0 divided by gflops at this r")
+    gmacs: float = Field(description="Analytical GMACs (multiply-accumulates / 1e9) per image (tome.gmacs)")
+    speedup: float = Field(description="gmacs at r=0 divided by gmacs at this r")
     output_tokens: int
 
 

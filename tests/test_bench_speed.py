@@ -37,7 +37,7 @@ def test_bench_writes_every_report(tmp_path, capsys):
         ("2", "4"),
     ]
     assert all(float(row["images_per_s"]) > 0 for row in rows)
-    assert float(rows[2]["gflops"]) < float(rows[1]["gflops"])
+    assert float(rows[2]["gmacs"]) < float(rows[1]["gmacs"])
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["machine"] and len(report["rows"]) == 6
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

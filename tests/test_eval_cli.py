@@ -77,7 +77,7 @@ def test_labelled_folder_outputs_and_accuracy_match_hand_count(tmp_path, colour_
         top1, top5 = expected_hits(model, files, r, 1), expected_hits(model, files, r, 5)
         assert record["top1"] == pytest.approx(top1 / len(files))
         assert float(row["top5"]) == pytest.approx(top5 / len(files))
-        assert record["gmacs"] == pytest.approx(tome.flops(model, r))
+        assert record["gmacs"] == pytest.approx(tome.gmacs(model, r))
         assert record["images_per_second"] > 0 and record["speedup"] > 0
     assert 0 < document["rows"][0]["top1"] < 1, "the misfiled images should make accuracy non-trivial"
     assert document["rows"][0]["agreement"] == 1.0
@@ -160,7 +160,7 @@ def test_r_out_of_range_is_a_usage_error(tmp_path, capsys, colour_model):
         [str(tmp_path / "data"), *model_args(weights), "--r", "-2"], capsys, "must not be negative"
     )
     expect_usage_error(
-        [str(tmp_path / "data"), *model_args(weights), "--r", "four"], capsys, "comma-separated integers"
+        [str(tmp_path / "data"), *model_args(weights), "--r", "four"], capsys, "must be integers"
     )
 
 

@@ -104,7 +104,7 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
         ).module
     )
     for cost in costs[::8]:
-        assert cost["gflops"] == pytest.approx(tome.flops(model, r=cost["r"]))
+        assert cost["gmacs"] == pytest.approx(tome.gmacs(model, r=cost["r"]))
         assert cost["output_tokens"] == tome.token_counts(TOKENS, DEPTH, cost["r"])[-1]
     speedups = [c["speedup"] for c in costs]
     assert speedups[0] == 1.0 and speedups == sorted(speedups) and speedups[-1] > 2

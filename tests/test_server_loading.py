@@ -14,9 +14,9 @@ from serverutil import TINY_MODEL_KWARGS
 from timm.data import create_transform
 
 import tome
+from tome import largest_useful_r
 from tome_serve.config import Settings
 from tome_serve.loading import StartupError, load_model
-from tome_serve.models import largest_useful_r
 
 NAME = "vit_tiny_patch16_224"
 
@@ -46,9 +46,9 @@ def test_random_weights_are_seeded_patched_and_described() -> None:
     assert first.r_max == 32 and first.default_r == 16
     costs = {c.r: c for c in first.costs}
     assert sorted(costs) == list(range(33))
-    assert costs[0].speedup == 1.0 and costs[0].gflops == pytest.approx(tome.flops(first.module, r=0))
-    assert costs[16].gflops == pytest.approx(tome.flops(first.module, r=16))
-    assert costs[16].speedup == pytest.approx(costs[0].gflops / costs[16].gflops)
+    assert costs[0].speedup == 1.0 and costs[0].gmacs == pytest.approx(tome.gmacs(first.module, r=0))
+    assert costs[16].gmacs == pytest.approx(tome.gmacs(first.module, r=16))
+    assert costs[16].speedup == pytest.approx(costs[0].gmacs / costs[16].gmacs)
     assert costs[16].output_tokens == tome.token_counts(65, 4, 16)[-1]
 
 

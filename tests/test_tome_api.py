@@ -81,10 +81,10 @@ def test_forward_intermediates_spreads_merged_tokens_over_their_patches():
 
 def test_flops_match_the_paper_for_vit_b16():
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
-    assert tome.flops(model, 0) == pytest.approx(17.56, abs=0.05)
-    assert tome.flops(model, 16) == pytest.approx(8.77, abs=0.05)
-    assert tome.flops(model, 0) / tome.flops(model, 16) == pytest.approx(2.0, abs=0.02)
-    assert tome.flops(model, 8) < tome.flops(model, 4) < tome.flops(model, 0)
+    assert tome.gmacs(model, 0) == pytest.approx(17.56, abs=0.05)
+    assert tome.gmacs(model, 16) == pytest.approx(8.77, abs=0.05)
+    assert tome.gmacs(model, 0) / tome.gmacs(model, 16) == pytest.approx(2.0, abs=0.02)
+    assert tome.gmacs(model, 8) < tome.gmacs(model, 4) < tome.gmacs(model, 0)
 
 
 def test_visualize_fills_groups_with_their_mean_colour():

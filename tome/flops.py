@@ -1,11 +1,21 @@
-"""Analytical multiply-accumulate counts (the unit the ToMe paper calls FLOPs) of a ViT forward pass."""
+"""Analytical cost of a ViT forward pass, in GMACs (billions of multiply-accumulates).
+
+The ToMe paper, like much of the ViT literature, calls this count "FLOPs"; it is the number of
+multiply-accumulates, not twice it. The project names the unit GMACs everywhere: :func:`gmacs`, the
+``gmacs`` field of :class:`RCost`, the server's ``/models`` and the tools' tables. :func:`flops` is
+the old name of :func:`gmacs`, kept as a deprecated alias.
+"""
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .schedule import RSpec, token_counts
+from .schedule import RSpec, input_tokens, largest_useful_r, token_counts
 
 
 def _linear_macs(module: nn.Module | None) -> int:
@@ -36,13 +46,12 @@ def _head_macs(model: VisionTransformer, tokens: int) -> int:
     return macs
 
 
-def flops(model: VisionTransformer, r: RSpec = 0, img_size: tuple[int, int] | None = None) -> float:
-    """GMACs of one image's forward pass at merge schedule ``r`` (patch embedding, every block's
-    attention including Q@K^T and attention@V, MLPs and head; norms and the matching are ignored).
-    ``img_size`` defaults to the model's own input size."""
-    grid = model.patch_embed.dynamic_feat_size(img_size) if img_size else model.patch_embed.grid_size
-    num_patches = grid[0] * grid[1]
-    tokens = num_patches + model.num_prefix_tokens
+def gmacs(model: VisionTransformer, r: RSpec = 0, img_size: tuple[int, int] | None = None) -> float:
+    """GMACs (multiply-accumulates / 1e9) of one image's forward pass at merge schedule ``r``: patch
+    embedding, every block's attention including Q@K^T and attention@V, MLPs and head; norms and the
+    matching are ignored. ``img_size`` defaults to the model's own input size."""
+    tokens = input_tokens(model, img_size)
+    num_patches = tokens - model.num_prefix_tokens
     counts = token_counts(tokens, len(model.blocks), r, model.num_prefix_tokens)
     macs = _patch_macs(model, num_patches)
     for block, tokens_out in zip(model.blocks, counts, strict=True):
@@ -50,3 +59,35 @@ def flops(model: VisionTransformer, r: RSpec = 0, img_size: tuple[int, int] | No
         tokens = tokens_out
     pooled = tokens - (0 if model.pool_include_prefix else model.num_prefix_tokens)
     return (macs + _head_macs(model, pooled)) / 1e9
+
+
+def flops(model: VisionTransformer, r: RSpec = 0, img_size: tuple[int, int] | None = None) -> float:
+    """Deprecated name of :func:`gmacs` (the paper's "FLOPs" are multiply-accumulates)."""
+    warnings.warn("tome.flops is renamed tome.gmacs (same value: GMACs)", DeprecationWarning, stacklevel=2)
+    return gmacs(model, r, img_size)
+
+
+@dataclass(frozen=True)
+class RCost:
+    """What one constant r costs and saves for one image."""
+
+    r: int
+    gmacs: float
+    """Analytical GMACs per image (:func:`gmacs`)."""
+    speedup: float
+    """gmacs at r=0 divided by gmacs at this r: the speed-up to expect where compute is the bottleneck."""
+    output_tokens: int
+    """Tokens leaving the last block, prefix tokens included."""
+
+
+def cost_table(model: VisionTransformer, r_values: Iterable[int] | None = None) -> list[RCost]:
+    """The cost of each r in ``r_values`` (default: every r from 0 to :func:`largest_useful_r`)."""
+    if r_values is None:
+        r_values = range(largest_useful_r(model) + 1)
+    tokens, depth, prefix = input_tokens(model), len(model.blocks), model.num_prefix_tokens
+    base = gmacs(model, 0)
+    rows = []
+    for r in r_values:
+        cost = gmacs(model, r)
+        rows.append(RCost(r, cost, base / cost, token_counts(tokens, depth, r, prefix)[-1]))
+    return rows

@@ -1,6 +1,13 @@
-"""Merge schedules: how many tokens each layer merges, and how many tokens remain."""
+"""Merge schedules: how many tokens each layer merges, how many remain, and which r are worth asking for.
+
+These are the one definition of each fact that the server, ``tome-eval`` and ``tome-bench`` use.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
 
 from .merge import max_merge
 
@@ -55,3 +62,44 @@ def token_counts(num_tokens: int, depth: int, r: RSpec, num_protected: int = 1) 
         num_tokens -= min(layer_r, max_merge(num_tokens, num_protected))
         counts.append(num_tokens)
     return counts
+
+
+def input_tokens(model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
+    """Tokens entering the first block of a timm ViT: patches (at ``img_size``, default the model's
+    own input size) plus prefix tokens (class, distillation, registers)."""
+    embed = model.patch_embed
+    grid = embed.dynamic_feat_size(img_size) if img_size else embed.grid_size
+    return grid[0] * grid[1] + model.num_prefix_tokens
+
+
+def largest_useful_r(model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
+    """The smallest r whose output is already down to the fewest tokens merging can leave.
+
+    A larger r still merges more in the early layers, but it cannot shrink the output any further,
+    and the result is no longer a useful picture of the image. ViT-S/16 at 224 px: 24 (197 tokens
+    in, 2 out), where the per-layer cap of half the mergeable tokens would accept up to 98.
+    """
+    tokens, depth, prefix = input_tokens(model, img_size), len(model.blocks), model.num_prefix_tokens
+    fewest = token_counts(tokens, depth, tokens, prefix)[-1]
+    r = 0
+    while token_counts(tokens, depth, r, prefix)[-1] != fewest:
+        r += 1
+    return r
+
+
+def parse_r_values(values: str | Iterable[str]) -> list[int]:
+    """r values as a user types them on a command line: ``"0,4,8"``, ``["0", "4", "8"]`` or a mix
+    (``["0,4", "8"]``). Raises ValueError on anything but non-negative integers or when none is given."""
+    texts = [values] if isinstance(values, str) else list(values)
+    parts = [part.strip() for text in texts for part in text.split(",")]
+    try:
+        parsed = [int(part) for part in parts if part]
+    except ValueError:
+        given = " ".join(texts)
+        raise ValueError(f"r values must be integers, separated by commas or spaces, got {given!r}") from None
+    if not parsed:
+        raise ValueError("give at least one r")
+    negative = [r for r in parsed if r < 0]
+    if negative:
+        raise ValueError(f"r must not be negative, got {negative[0]}")
+    return parsed

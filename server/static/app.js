@@ -28,7 +28,7 @@
     mergeCaption: $("merge-caption"),
     tokens: $("tokens"),
     speedup: $("speedup"),
-    gflops: $("gflops"),
+    gmacs: $("gmacs"),
     inferenceMs: $("inference-ms"),
     batch: $("batch"),
     totalMs: $("total-ms"),
@@ -203,12 +203,12 @@
     ui.rValue.textContent = String(r);
     const cost = costAt(currentModel(), r);
     const speedup = cost && Number(cost.speedup ?? cost.expected_speedup);
-    const gflops = cost && Number(cost.gflops ?? cost.gmacs);
+    const gmacs = cost && Number(cost.gmacs);
     ui.speedup.textContent = speedup ? `${speedup.toFixed(2)}×` : "–";
     const base = costAt(currentModel(), 0);
-    const baseGflops = base && Number(base.gflops ?? base.gmacs);
-    ui.gflops.textContent = gflops
-      ? `${formatGflops(gflops)}${baseGflops ? ` of ${formatGflops(baseGflops)}` : ""} GFLOPs per image`
+    const baseGmacs = base && Number(base.gmacs);
+    ui.gmacs.textContent = gmacs
+      ? `${formatGmacs(gmacs)}${baseGmacs ? ` of ${formatGmacs(baseGmacs)}` : ""} GMACs per image`
       : "";
     ui.slider.setAttribute("aria-valuetext", speedup ? `r ${r}, expected speedup ${speedup.toFixed(2)} times` : `r ${r}`);
   }
@@ -293,7 +293,7 @@
     return Number(value).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
   }
 
-  function formatGflops(value) {
+  function formatGmacs(value) {
     return value >= 10 ? value.toFixed(1) : value.toPrecision(2);
   }
 
