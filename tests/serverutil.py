@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from tiny import NAME, TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-TINY_MODEL_KWARGS = {"embed_dim": 64, "depth": 4, "num_heads": 2, "img_size": 64, "patch_size": 8}
+TINY_MODEL_KWARGS = {**TINY, "img_size": 64, "patch_size": 8}
 """A 4-block ViT on 64x64 inputs with 8x8 patches: 64 patches + 1 class token = 65 tokens."""
 
 TINY_MODEL_ENV: dict[str, str] = {
-    "TOME_MODEL": "vit_tiny_patch16_224",
+    "TOME_MODEL": NAME,
     "TOME_MODEL_KWARGS": json.dumps(TINY_MODEL_KWARGS),
     "TOME_WEIGHTS": "random",
     "TOME_DEVICE": "cpu",

@@ -3,14 +3,16 @@
 import csv
 import json
 
+from tiny import NAME, TINY
+
 from tome_bench.speed import main
 
 
 def test_bench_writes_every_report(tmp_path, capsys):
-    kwargs = json.dumps({"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64})
+    kwargs = json.dumps({**TINY, "img_size": 64})
     argv = [
         "--model",
-        "vit_tiny_patch16_224",
+        NAME,
         "--model-kwargs",
         kwargs,
         "--r",

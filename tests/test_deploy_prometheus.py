@@ -4,7 +4,6 @@ installs it when it runs as root). Without promtool these tests skip and say so.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -40,33 +39,24 @@ AUTO_METRICS = {
 NOT_YET_EXPORTED = set(AUTO_METRICS)
 
 
-def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess:
-    tool = shutil.which("promtool")
-    if tool is None:
-        pytest.skip(
-            "promtool not installed (Debian: apt-get install prometheus; scripts/test does it as root)"
-        )
-    return subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-
-
 @pytest.mark.parametrize("config", [PROMETHEUS / "prometheus.yml", K8S_SCRAPE], ids=["compose", "kubernetes"])
-def test_prometheus_config_is_valid(config):
-    result = promtool("check", "config", str(config))
+def test_prometheus_config_is_valid(config, promtool):
+    result = promtool("check", "config", str(config), cwd=PROMETHEUS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rules_are_valid():
-    result = promtool("check", "rules", "rules.yml")
+def test_rules_are_valid(promtool):
+    result = promtool("check", "rules", "rules.yml", cwd=PROMETHEUS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rule_unit_tests_pass():
+def test_rule_unit_tests_pass(promtool):
     """rules_test.yml feeds synthetic series and asserts when each alert fires (and when it must not)."""
-    result = promtool("test", "rules", "rules_test.yml")
+    result = promtool("test", "rules", "rules_test.yml", cwd=PROMETHEUS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rule_unit_tests_can_fail(tmp_path):
+def test_rule_unit_tests_can_fail(tmp_path, promtool):
     """Guards the test above: a wrong expectation must make promtool fail."""
     shutil.copy(PROMETHEUS / "rules.yml", tmp_path / "rules.yml")
     broken = (PROMETHEUS / "rules_test.yml").read_text().replace("6.25%", "9%")

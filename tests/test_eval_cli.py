@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from evalutil import (
+from PIL import Image
+from tiny import (
     BASES,
     NUM_CLASSES,
+    eval_model,
     give_colour_classifier,
     labelled_solid_folder,
     model_args,
     pattern_image,
     solid_image,
     solid_tensor,
-    tiny_model,
     write_weights,
 )
-from PIL import Image
 
 import tome
 from tome_eval.cli import main
@@ -32,7 +32,7 @@ R_VALUES = [0, 2, 4]
 
 @pytest.fixture(scope="module")
 def colour_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    model = tiny_model()
+    model = eval_model()
     give_colour_classifier(model)
     return model, write_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors", model)
 
@@ -111,7 +111,7 @@ def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_mo
 
 
 def test_backbone_has_no_agreement_and_a_headless_file_loads(tmp_path, capsys):
-    backbone = tiny_model(num_classes=0)
+    backbone = eval_model(num_classes=0)
     weights = write_weights(tmp_path / "backbone.safetensors", backbone)
     for i in range(3):
         pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i], seed=i)
@@ -211,7 +211,7 @@ def test_bad_weights_and_options_are_usage_errors(tmp_path, capsys, colour_model
         [folder, *model_args(weights), "--model-kwargs", "{depth: 4"], capsys, "not valid JSON"
     )
     expect_usage_error([folder, *model_args(weights), "--opts", "int8"], capsys, "--opts needs --combos")
-    wrong = write_weights(tmp_path / "wide.safetensors", tiny_model(num_classes=3))
+    wrong = write_weights(tmp_path / "wide.safetensors", eval_model(num_classes=3))
     expect_usage_error([folder, *model_args(wrong)], capsys, "does not fit")
     expect_usage_error(
         [folder, "--model", "resnet18", "--weights", "random", "--workers", "0"], capsys, "cannot be patched"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evalutil import give_colour_classifier, labelled_pattern_folder, model_args, tiny_model, write_weights
+from tiny import eval_model, give_colour_classifier, labelled_pattern_folder, model_args, write_weights
 
 from tome_eval import combine
 from tome_eval.cli import main
@@ -38,7 +38,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_int8_and_bf16_keep_fp32_predictions(tmp_path, folder, capsys):
-    model = tiny_model()
+    model = eval_model()
     give_colour_classifier(model)
     weights = write_weights(tmp_path / "tiny.safetensors", model)
     out = tmp_path / "out"
@@ -64,7 +64,7 @@ def test_int8_and_bf16_keep_fp32_predictions(tmp_path, folder, capsys):
 
 def test_compiled_graphs_match_eager(tmp_path, folder, capsys):
     # Two blocks keep inductor's compile time within the test suite's budget.
-    model = tiny_model(depth=2)
+    model = eval_model(depth=2)
     give_colour_classifier(model)
     weights = write_weights(tmp_path / "tiny2.safetensors", model)
     out = tmp_path / "out"
@@ -99,7 +99,7 @@ def test_compiled_graphs_match_eager(tmp_path, folder, capsys):
 
 
 def test_a_failing_row_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
-    weights = write_weights(tmp_path / "tiny.safetensors", tiny_model())
+    weights = write_weights(tmp_path / "tiny.safetensors", eval_model())
 
     def broken(model: torch.nn.Module) -> torch.nn.Module:
         raise RuntimeError("no int8 engine")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from evalutil import BASES, solid_image
 from timm.data import ImageNetInfo
+from tiny import BASES, solid_image
 
 from tome_eval.data import ImageFiles, LabelSpace, batches, in_background, list_images
 from tome_eval.errors import EvalInputError

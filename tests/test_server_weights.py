@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tome_models import TINY
+from tiny import TINY
 
 from tome_serve.weights import WeightsError, create
 

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from tome_models import images, make
+from tiny import images, make
 
 import tome
 

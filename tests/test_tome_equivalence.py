@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from reference_tome import reference_forward
-from tome_models import FAMILIES, images, make, make_named
+from tiny import FAMILIES, images, make, make_named
 
 import tome
 

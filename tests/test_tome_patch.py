@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from tome_models import TINY, images, make
+from tiny import TINY, images, make
 
 import tome
 

@@ -3,7 +3,7 @@
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from tome_models import images, make
+from tiny import images, make
 
 import tome
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tome_models import images, make
+from tiny import images, make
 
 import tome
 
