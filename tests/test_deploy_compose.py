@@ -124,10 +124,8 @@ def test_grafana_mounts_provisioning_and_dashboards():
     assert home == f"{dashboards_dir}/tome-serve.json"
 
 
-def test_gpu_override_reserves_nvidia_gpus_and_builds_cuda_torch():
+def test_gpu_override_reserves_nvidia_gpus_with_real_settings():
     tome = load(GPU_OVERRIDE)["services"]["tome"]
     (device,) = tome["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert tome["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple"
     assert set(tome["environment"]) <= server_env_names()
-    assert tome["environment"]["TOME_DEVICE"].startswith("${TOME_DEVICE:-cuda")

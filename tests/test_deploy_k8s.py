@@ -14,6 +14,7 @@ import yaml
 from tome_serve.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
 K8S = REPO / "deploy" / "k8s"
 AUTO_HPA = K8S / "auto" / "hpa.yaml"
 ADAPTER_RULES = K8S / "auto" / "prometheus-adapter-rules.yml"
@@ -72,7 +73,6 @@ def test_service_monitor_structure():
     """ServiceMonitor is a Prometheus Operator CRD, so no Kubernetes schema covers it: check the fields the
     operator needs, and that it selects the Service and names one of its ports."""
     monitor = resource("ServiceMonitor")
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     service = resource("Service")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
@@ -118,7 +118,8 @@ def test_resources_security_and_rollout():
     assert "memory" in main["resources"]["limits"]
     pod = resource("Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == 10001, "the image's USER"
+    image_user = [line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.startswith("USER ")]
+    assert str(pod["securityContext"]["runAsUser"]) == image_user[-1].split(":")[0], "the image's USER"
     assert resource("Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
@@ -135,13 +136,9 @@ def test_configuration_comes_from_the_config_map_and_names_real_settings():
 
 
 def test_autoscaler_and_disruption_budget_target_the_deployment():
-    hpa = resource("HorizontalPodAutoscaler")
-    assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": "tome-serve",
-    }
+    hpa, deployment = resource("HorizontalPodAutoscaler"), resource("Deployment")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert hpa["spec"]["minReplicas"] >= 2, "one replica must stay up while another restarts"
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
