@@ -1,7 +1,7 @@
 """What the server knows about one loaded model: its weights' source, r range and analytical cost.
 
 The ToMe facts (input tokens, largest useful r, cost table) come from the library (``tome.schedule``,
-``tome.flops``), so the server, tome-eval and tome-bench agree.
+``tome.flops``: GMACs), so the server, tome-eval and tome-bench agree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""timm's forward methods, FLOPs and the merge-map picture on patched models."""
+"""timm's forward methods, GMACs and the merge-map picture on patched models."""
 
 import copy
 
@@ -79,7 +79,7 @@ def test_forward_intermediates_spreads_merged_tokens_over_their_patches():
     assert grid.shape == (2, model.embed_dim, 4, 4)
 
 
-def test_flops_match_the_paper_for_vit_b16():
+def test_gmacs_match_the_paper_for_vit_b16():
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
     assert tome.gmacs(model, 0) == pytest.approx(17.56, abs=0.05)
     assert tome.gmacs(model, 16) == pytest.approx(8.77, abs=0.05)
