@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--r",
-        type=_r_list,
         nargs="+",
         default=None,
         metavar="R",
@@ -126,11 +125,18 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _r_list(text: str) -> list[int]:
+def _parse_r(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--r`` takes one or more words, so in ``--r 0,4 photos`` it also takes the folder: give that
+    word back to the folder argument when the folder is missing and the word is not an r list."""
+    words = args.r
+    if words is None:
+        return
+    if args.folder is None and len(words) > 1 and not words[-1].replace(",", "").strip().isdigit():
+        args.folder = Path(words.pop())
     try:
-        return tome.parse_r_values(text)
+        args.r = tome.parse_r_values(words)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        parser.error(f"argument --r: {error}")
 
 
 def _positive(text: str) -> int:
@@ -157,8 +163,7 @@ def _integer(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.r is not None:
-        args.r = [r for values in args.r for r in values]  # one list per word after --r
+    _parse_r(parser, args)
     try:
         return run(args)
     except EvalInputError as error:

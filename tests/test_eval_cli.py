@@ -259,3 +259,15 @@ def test_wordnet_folders_with_an_imagenet_sized_model_and_limit(tmp_path):
     assert info["layout"] == "WordNet-id class folders" and info["images"] == 5
     labels = [row["label"] for row in read_csv(tmp_path / "out" / "sweep_images.csv")]
     assert labels == ["0", "0", "1", "1", "999"]
+
+
+def test_r_list_with_spaces_gives_the_folder_back(tmp_path, colour_model):
+    """`--r 2 4 FOLDER` (tome-bench's spelling, folder last) means r = 2, 4 on FOLDER."""
+    _, weights = colour_model
+    labelled_solid_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = [*model_args(weights), "--timing-rounds", "0", "--no-plot", "--out", str(out)]
+    assert run_eval([*args, "--r", "2", "4", str(tmp_path / "data")]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert [row["r"] for row in report["rows"]] == [0, 2, 4]
+    assert report["info"]["images"] == 12
