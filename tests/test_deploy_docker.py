@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 import uuid
@@ -192,11 +191,16 @@ def test_server_from_the_image_contents_serves_requests(tmp_path):
     from serverutil import ServerProcess, server_env, wait_until_ready
 
     wheel = build_wheel_from_copied_files(tmp_path)
+    packages = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
+    assert packages == {"tome", "tome_serve", "tome_eval", "tome_bench"}, "nothing named `server` installed"
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
     # -S: no site processing, so an editable install of the checkout cannot shadow the wheel.
     env = server_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(installed), sysconfig.get_paths()["purelib"]])
+    # The dependencies: every site-packages folder on this interpreter's path (a venv's, and the system's
+    # where the venv was made with --system-site-packages); .pth files, editable finders among them, stay off.
+    site_dirs = [path for path in sys.path if path.endswith(("site-packages", "dist-packages"))]
+    env["PYTHONPATH"] = os.pathsep.join([str(installed), *site_dirs])
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
