@@ -168,7 +168,7 @@ def seconds_per_batch(
     warmup: int = 1,
     progress: bool = True,
 ) -> dict[Hashable, float]:
-    """Median seconds per batch of each variant, all timed in turn in every round (tome.timing)."""
+    """Median seconds per batch of each variant, all timed in turn in every round (tome_bench.timing)."""
     images = images.to(device)
     calls = {key: (lambda fn=fn: fn(images)) for key, fn in variants.items()}
     with tqdm(total=rounds, unit="round", disable=not progress, desc="timing") as bar:
