@@ -1,6 +1,6 @@
 """Measured batch times of one model on the hardware at hand, per (r, batch size): what r=auto decides on.
 
-The analytical GMACs (``tome.flops``) say what merging saves in arithmetic; whether that turns into
+The analytical GMACs (``tome.gmacs``) say what merging saves in arithmetic; whether that turns into
 time depends on the hardware, the dtype and the batch size (on this project's CPU at batch 1, r=8 is
 *slower* than r=0). So the controller works from a table of measured seconds per batch:
 
@@ -297,13 +297,13 @@ class CostTable:
                 self._snapshot = Snapshot(self.rs, self.max_batch, self._cells, self._min_gain)
             return self._snapshot
 
-    def describe(self, gflops: Mapping[int, float]) -> list[dict]:
-        """Per grid r, for /models: the analytical GMACs per image (``gflops``, computed by the
-        library's ``tome.flops``) beside the measured images/s per batch size and where r is dominated."""
+    def describe(self, gmacs: Mapping[int, float]) -> list[dict]:
+        """Per grid r, for /models: the analytical GMACs per image (``gmacs``, computed by the
+        library's ``tome.gmacs``) beside the measured images/s per batch size and where r is dominated."""
         by_r: dict[int, dict] = {}
         for row in self.snapshot().rows():
             entry = by_r.setdefault(
-                row.r, {"r": row.r, "gflops": gflops.get(row.r), "images_per_s": {}, "dominated_at": []}
+                row.r, {"r": row.r, "gmacs": gmacs.get(row.r), "images_per_s": {}, "dominated_at": []}
             )
             entry["images_per_s"][row.batch_size] = round(row.images_per_s, 2)
             if row.dominated:

@@ -1,7 +1,8 @@
 """What the server knows about one loaded model: its weights' source, r range and analytical cost.
 
-The ToMe facts (input tokens, largest useful r, cost table) come from the library (``tome.schedule``,
-``tome.flops``: GMACs), so the server, tome-eval and tome-bench agree.
+The ToMe facts (input tokens, largest useful r, cost table) come from the library
+(``tome.input_tokens``, ``tome.largest_useful_r``, ``tome.cost_table``), so the server, tome-eval
+and tome-bench agree.
 """
 
 from __future__ import annotations

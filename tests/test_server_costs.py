@@ -9,7 +9,6 @@ import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, TimedRunner, cpu_like, warmed_table, with_slow_r20
 
 from tome_serve.costs import CostTable, batch_grid, coarse_to_fine, r_grid, warm_up_order
-from tome_serve.models import r_costs
 
 
 def test_grids_always_hold_their_ends():
@@ -142,11 +141,11 @@ def test_describe_puts_measured_images_per_second_beside_the_library_gmacs():
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10)
     tome.patch(model)
-    gflops = {cost.r: cost.gflops for cost in r_costs(model, 8)}
+    gmacs = {cost.r: cost.gmacs for cost in tome.cost_table(model, range(9))}
     table = warmed_table(r_max=8)
-    described = table.describe(gflops)
+    described = table.describe(gmacs)
     assert [entry["r"] for entry in described] == [0, 4, 8]
-    assert described[0]["gflops"] == pytest.approx(tome.flops(model, r=0))
+    assert described[0]["gmacs"] == pytest.approx(tome.gmacs(model, r=0))
     assert described[0]["images_per_s"][8] == pytest.approx(8 / cpu_like(0, 8), rel=1e-3)
     # r=4 is slower than r=0 at batch 1 and only 2% faster at batch 2 (the table wants 3%).
     assert described[1]["dominated_at"] == [1, 2]
