@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tome-serve: invalid settings\n{exc}", file=sys.stderr)
         return EXIT_INVALID_SETTINGS
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s [%(request_id)s]: %(message)s"
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s%(request)s: %(message)s"
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdLogFilter())

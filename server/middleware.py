@@ -55,10 +55,13 @@ class RequestIdMiddleware:
 
 
 class RequestIdLogFilter(logging.Filter):
-    """Adds ``request_id`` to every log record (for a ``%(request_id)s`` in the log format)."""
+    """Adds ``request_id`` to every log record, and ``request`` (`` [<id>]`` inside a request,
+    empty outside), for the log format."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        rid = request_id.get()
+        record.request_id = rid
+        record.request = f" [{rid}]" if rid != "-" else ""
         return True
 
 

@@ -90,7 +90,7 @@ def failing_at_r(r: int):
     return loader
 
 
-def test_failing_batch_answers_500_with_request_id_and_server_keeps_serving() -> None:
+def test_failing_batch_answers_500_with_request_id_and_server_keeps_serving(caplog) -> None:
     settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
     with TestClient(create_app(settings, loader=failing_at_r(FAIL_R))) as client:
         wait_ready(client)
@@ -102,6 +102,7 @@ def test_failing_batch_answers_500_with_request_id_and_server_keeps_serving() ->
         assert body["request_id"] == "r-42" == response.headers["x-request-id"]
         assert "inference failed" in body["detail"] and "simulated failure" in body["detail"]
         assert "r-42" in body["detail"]
+        assert any("r-42" in record.getMessage() for record in caplog.records if record.levelname == "ERROR")
         visualized = client.post("/visualize", params={"r": FAIL_R}, content=png())
         assert (
             visualized.status_code == 500 and visualized.json()["request_id"] in visualized.json()["detail"]
