@@ -81,7 +81,8 @@ class InferenceService:
     ) -> Result:
         """The result for one image; raises an errors.ServeError subtype when there is none."""
         arrived = time.monotonic() if arrived is None else arrived
-        admitted = self.admit(model, r, want)
+        # A request whose upload was still arriving when the drain began is finished, not refused.
+        admitted = self.admit(model, r, want, while_draining=True)
         self.check_room(admitted)
         pixels = await asyncio.get_running_loop().run_in_executor(
             self._decode_pool, self._prepare, admitted.model, image
@@ -107,10 +108,13 @@ class InferenceService:
             if item.live:  # timed out or cancelled: leave the queue, drop any late result
                 self.batcher.withdraw(item)
 
-    def admit(self, model: str | None, r: int | None, want: Want) -> Admitted:
-        """Check a request before any work is done on it: 503 unless ready, 404 for an unknown
-        model, 422 for r or top_k out of range."""
-        if self.phase is not Phase.READY:
+    def admit(
+        self, model: str | None, r: int | None, want: Want, *, while_draining: bool = False
+    ) -> Admitted:
+        """Check a request before any work is done on it: 503 unless ready (or, with
+        ``while_draining``, draining), 404 for an unknown model, 422 for r or top_k out of range."""
+        taking = (Phase.READY, Phase.DRAINING) if while_draining else (Phase.READY,)
+        if self.phase not in taking:
             raise self.unavailable()
         name = self.settings.model_names[0] if model is None else model
         worker = self.workers.get(name)
