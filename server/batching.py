@@ -10,8 +10,10 @@ Backpressure: a full queue refuses new items (:class:`~.errors.QueueFull`, with 
 item whose deadline passes while queued fails with :class:`~.errors.DeadlineExceeded` and never
 reaches the runner; an item its caller gave up on (:meth:`Batcher.withdraw`) is dropped the same way.
 
-The queue key and the r of a batch are separate: ``choose_r`` decides a batch's r when the batch
-is formed (by default the key's r).
+The queue key and the r of a batch are separate: when a batch is formed, a ``plan`` hook sees the
+queued items and decides the batch's r and how many items it takes (by default: the key's r, and
+up to ``max_batch_size``). A queue whose key's r is a placeholder, with a planner that picks r from
+the items' deadlines, fits the same loop.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import BatchFailed, DeadlineExceeded, QueueFull, Unavailable
 from .item import Item, QueueKey
@@ -63,12 +66,21 @@ class Batch:
 BatchRunner = Callable[[Batch], Awaitable[None]]
 """Computes a batch and resolves every live item's future (with a result or an error)."""
 
-RChooser = Callable[[QueueKey, list[Item]], int]
+
+class BatchPlan(NamedTuple):
+    r: int
+    """The r the batch runs at."""
+    size: int | None = None
+    """Items to take from the head of the queue; None: as many as ``max_batch_size`` allows."""
 
 
-def key_r(key: QueueKey, items: list[Item]) -> int:
-    """The default :data:`RChooser`: a batch runs at its queue's r."""
-    return key.r
+Planner = Callable[[QueueKey, Sequence[Item]], BatchPlan]
+"""Called when a batch is formed, with the live queued items (oldest first)."""
+
+
+def key_plan(key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
+    """The default :data:`Planner`: a batch runs at its queue's r and is as large as allowed."""
+    return BatchPlan(key.r)
 
 
 def _shutting_down() -> Unavailable:
@@ -84,13 +96,13 @@ class BatchQueue:
         policy: BatchPolicy,
         runner: BatchRunner,
         on_depth: Callable[[QueueKey, int], None],
-        choose_r: RChooser = key_r,
+        plan: Planner = key_plan,
     ) -> None:
         self.key = key
         self._policy = policy
         self._runner = runner
         self._on_depth = on_depth
-        self._choose_r = choose_r
+        self._plan = plan
         self._items: deque[Item] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
@@ -172,17 +184,20 @@ class BatchQueue:
 
     def _take(self) -> Batch:
         now = time.monotonic()
-        items: list[Item] = []
-        while self._items and len(items) < self._policy.max_batch_size:
-            item = self._items.popleft()
-            if not item.live:
-                continue
-            if item.deadline <= now:
+        live: deque[Item] = deque()
+        for item in self._items:  # drop what nobody waits for, failing the expired
+            if item.live and item.deadline <= now:
                 item.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
-                continue
-            items.append(item)
+            if item.live:
+                live.append(item)
+        self._items = live
+        items: list[Item] = []
+        r = self.key.r
+        if live:
+            r, size = self._plan(self.key, tuple(live))
+            limit = self._policy.max_batch_size if size is None else min(size, self._policy.max_batch_size)
+            items = [live.popleft() for _ in range(min(max(limit, 1), len(live)))]
         self._on_depth(self.key, len(self._items))
-        r = self._choose_r(self.key, items) if items else self.key.r
         return Batch(self.key, r, items, now)
 
     async def _run(self, batch: Batch) -> None:
@@ -208,12 +223,12 @@ class Batcher:
         policy: BatchPolicy,
         runner: BatchRunner,
         on_depth: Callable[[QueueKey, int], None] | None = None,
-        choose_r: RChooser = key_r,
+        plan: Planner = key_plan,
     ) -> None:
         self.policy = policy
         self._runner = runner
         self._on_depth = on_depth or (lambda key, depth: None)
-        self._choose_r = choose_r
+        self._plan = plan
         self._queues: dict[QueueKey, BatchQueue] = {}
         self._closed = False
 
@@ -222,7 +237,7 @@ class Batcher:
         if queue is None:
             if self._closed:
                 raise _shutting_down()
-            queue = BatchQueue(key, self.policy, self._runner, self._on_depth, self._choose_r)
+            queue = BatchQueue(key, self.policy, self._runner, self._on_depth, self._plan)
             self._queues[key] = queue
         return queue
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 
-from tome_serve.batching import Batch, Batcher, BatchPolicy
+from tome_serve.batching import Batch, Batcher, BatchPlan, BatchPolicy
 from tome_serve.errors import BatchFailed, DeadlineExceeded, QueueFull, Unavailable
 from tome_serve.item import Item, QueueKey, Want
 
@@ -215,23 +216,27 @@ def test_batches_of_one_key_run_side_by_side_up_to_max_running() -> None:
     assert asyncio.run(scenario()) == [2, 2, 2, 2, 2, 1]
 
 
-def test_a_batch_takes_the_r_its_chooser_picks_when_formed() -> None:
-    async def scenario() -> list[tuple[int, list[int]]]:
+def test_the_planner_sets_r_and_size_when_a_batch_is_formed() -> None:
+    async def scenario() -> tuple[list[tuple[int, list[int]]], list[list[int]]]:
         runs: list[tuple[int, list[int]]] = []
+        seen: list[list[int]] = []
 
         async def runner(batch: Batch) -> None:
             runs.append((batch.r, [item.pixels for item in batch.items]))
             for item in batch.items:
                 item.future.set_result(batch.r)
 
-        def choose_r(key: QueueKey, items: list[Item]) -> int:
-            return len(items)  # e.g. a shared queue whose r depends on the batch
+        def plan(key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
+            seen.append([item.pixels for item in queued])
+            return BatchPlan(r=10 + len(queued), size=2)  # e.g. a shared queue whose r depends on its load
 
         policy = BatchPolicy(max_batch_size=3, batch_wait_timeout_s=0.05, max_queue_size=8)
-        batcher = Batcher(policy, runner, choose_r=choose_r)
-        items = submit_all(batcher, QueueKey("m", -1), [1, 2, 3, 4])
-        assert await asyncio.gather(*(item.future for item in items)) == [3, 3, 3, 1]
+        batcher = Batcher(policy, runner, plan=plan)
+        items = submit_all(batcher, QueueKey("m", -1), [1, 2, 3, 4, 5])
+        assert await asyncio.gather(*(item.future for item in items)) == [15, 15, 13, 13, 11]
         await batcher.drain()
-        return runs
+        return runs, seen
 
-    assert asyncio.run(scenario()) == [(3, [1, 2, 3]), (1, [4])]
+    runs, seen = asyncio.run(scenario())
+    assert runs == [(15, [1, 2]), (13, [3, 4]), (11, [5])]
+    assert seen == [[1, 2, 3, 4, 5], [3, 4, 5], [5]]
