@@ -12,7 +12,11 @@ import logging
 import math
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +98,39 @@ class ClientGone(Exception):
 
 
 def install(app: FastAPI) -> None:
+    """Answer every error as ``{"detail": ..., "request_id": ...}``: ours, FastAPI's parameter
+    validation (422) and Starlette's HTTP errors (unknown path, wrong method)."""
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def error_body(request: Request, detail: object) -> dict[str, object]:
+    request_id: str = getattr(request.state, "request_id", "")
+    return {"detail": detail, "request_id": request_id} if request_id else {"detail": detail}
 
 
 async def _serve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServeError)
-    request_id: str = getattr(request.state, "request_id", "")
     detail = exc.detail
     if isinstance(exc, BatchFailed):
+        request_id = getattr(request.state, "request_id", "")
         log.error("request %s failed with its batch: %s", request_id, exc.detail)
         detail = f"inference failed for the batch holding this request ({exc.detail}); id {request_id}"
-    body = {"detail": detail, "request_id": request_id} if request_id else {"detail": detail}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers())
+    return JSONResponse(error_body(request, detail), status_code=exc.status_code, headers=exc.headers())
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(error_body(request, jsonable_encoder(exc.errors())), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (204, 304):  # no body allowed
+        return await http_exception_handler(request, exc)
+    return JSONResponse(error_body(request, exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -236,6 +236,7 @@ def assert_error(response: httpx.Response, status: int, words: str = "") -> None
     assert response.headers["content-type"].startswith("application/json")
     detail = json.dumps(response.json()["detail"])
     assert words.lower() in detail.lower(), detail
+    assert response.json()["request_id"] == response.headers["x-request-id"]  # FastAPI's own 422s too
 
 
 def test_bad_uploads_get_clear_4xx(client: httpx.Client) -> None:
