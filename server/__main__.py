@@ -1,13 +1,15 @@
-"""``tome-serve`` / ``python -m tome_serve``: parse options, then run the app under uvicorn.
+"""``tome-serve`` / ``python -m tome_serve``: read the settings, bind the port, run the app under uvicorn.
 
-Every option can also be set as a ``TOME_*`` environment variable (command-line values win).
-SIGTERM or Ctrl-C drains: /readyz turns 503, new requests get 503, queued ones finish, then exit.
+The options and ``--help`` come from :class:`~.config.Settings` (pydantic-settings); every option
+is also a ``TOME_*`` environment variable, and the command line wins. The port is bound before any
+model is loaded, so a busy port fails at once. SIGTERM or Ctrl-C drains: /readyz turns 503, new
+requests get 503, queued ones finish, then the process exits.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
@@ -17,44 +19,16 @@ from pydantic import ValidationError
 
 from .config import Settings
 from .hub import use_offline_hub_if_unreachable
+from .middleware import RequestIdLogFilter
 
-log = logging.getLogger("server")
+log = logging.getLogger("tome_serve")
 
-_OPTIONS: list[tuple[str, type, str]] = [
-    ("--model", str, "timm model name; comma-separated for several (the first is the default)"),
-    ("--weights", str, "'pretrained' (default), 'random', or a local .safetensors/.pth file"),
-    ("--device", str, "auto (default), cpu or cuda"),
-    ("--dtype", str, "float32 (default), float16 or bfloat16"),
-    ("--host", str, "address to listen on (default 127.0.0.1)"),
-    ("--port", int, "port to listen on (default 8000)"),
-    ("--model-kwargs", str, "JSON object of extra timm.create_model kwargs, e.g. '{\"img_size\": 224}'"),
-    ("--max-batch-size", int, "largest batch (default 8)"),
-    ("--max-delay-ms", float, "longest wait for a batch to fill (default 5)"),
-    ("--max-queue", int, "capacity of each (model, r) queue (default 64)"),
-    ("--request-timeout-ms", float, "deadline of a request (default 10000)"),
-    ("--instances", int, "inference threads per model (default 1); 2 on a CPU trades latency for throughput"),
-    ("--default-r", int, "r when a request names none (default 16, capped at the model's maximum)"),
-    ("--max-r", int, "cap on r (default: each model's own maximum)"),
-    ("--log-level", str, "critical, error, warning, info (default) or debug"),
-]
-
-
-def parse_args(argv: list[str] | None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(
-        prog="tome-serve",
-        description="Serve timm Vision Transformers accelerated with Token Merging (ToMe) over HTTP. "
-        "Every option falls back to the environment variable TOME_<OPTION> (e.g. TOME_MAX_BATCH_SIZE).",
-    )
-    choices = {
-        "--device": ["auto", "cpu", "cuda"],
-        "--dtype": ["float32", "float16", "bfloat16"],
-        "--log-level": ["critical", "error", "warning", "info", "debug"],
-    }
-    for flag, kind, text in _OPTIONS:
-        parser.add_argument(flag, type=kind, help=text, choices=choices.get(flag))
-    parser.add_argument("--access-log", action="store_true", default=None, help="log every request")
-    args = vars(parser.parse_args(argv))
-    return {name: value for name, value in args.items() if value is not None}
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+"""A model could not be loaded, patched or warmed (the log says why)."""
+EXIT_INVALID_SETTINGS = 2
+EXIT_PORT_UNAVAILABLE = 3
+"""The address and port cannot be bound (in use, or not an address of this machine)."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -69,42 +43,68 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on (host, port), bound the way uvicorn binds its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = Settings(**parse_args(argv))
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         print(f"tome-serve: invalid settings\n{exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        return EXIT_INVALID_SETTINGS
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s%(request)s: %(message)s"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdLogFilter())
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"tome-serve: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
+            "Stop whatever uses it, or choose another port with --port or TOME_PORT "
+            "(another address with --host or TOME_HOST).",
+            file=sys.stderr,
+        )
+        return EXIT_PORT_UNAVAILABLE
     if settings.weights == "pretrained" and use_offline_hub_if_unreachable():
         log.warning("the model hub is unreachable or HF_HUB_OFFLINE is set: only cached weights can be used")
 
     from .app import create_app  # imports torch and timm, after the hub mode is settled
 
-    fatal: list[str] = []
+    failed = False
     server: DrainingServer | None = None
 
-    def on_fatal(message: str) -> None:
-        fatal.append(message)
+    def on_fatal(message: str) -> None:  # the app has logged the message
+        nonlocal failed
+        failed = True
         if server is not None:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
         # Queued requests finish within their deadline; do not wait for stragglers much longer.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
     server = DrainingServer(config, on_signal=app.state.service.begin_draining)
-    server.run()
-    if fatal:
-        print(f"tome-serve: start-up failed: {fatal[0]}", file=sys.stderr)
-        return 1
-    return 0
+    host, port = sock.getsockname()[:2]
+    log.info("bound to http://%s:%d; loading the models (/readyz turns 200 once they are ready)", host, port)
+    server.run(sockets=[sock])
+    return EXIT_START_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from . import probes, routes
+from . import demo, errors, probes, routes
 from .auth import BearerAuthMiddleware
 from .config import Settings
-from .errors import ApiError, ClientDisconnected, api_error_handler, disconnected_handler
 from .loading import StartupError, load_model
 from .metrics import Metrics
-from .middleware import RequestMetricsMiddleware
+from .middleware import RequestIdMiddleware, RequestMetricsMiddleware
 from .service import InferenceService, Loader
 
 log = logging.getLogger(__name__)
@@ -65,14 +64,16 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
-    app.add_exception_handler(ApiError, api_error_handler)
-    app.add_exception_handler(ClientDisconnected, disconnected_handler)
+    errors.install(app)
     app.include_router(routes.router)
     app.include_router(probes.router)
-    _include_demo(app)
+    demo.install(app)
+    # Added innermost first: request id (outermost, so every answer carries it), metrics (also
+    # counts 401s), auth.
     if settings.api_key is not None:
         app.add_middleware(BearerAuthMiddleware, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: also counts 401s
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -85,11 +86,3 @@ async def _start(service: InferenceService, on_fatal: FatalHandler) -> None:
     except Exception as exc:  # anything else unexpected must not leave a half-started server running
         log.critical("start-up failed", exc_info=True)
         on_fatal(f"{type(exc).__name__}: {exc}")
-
-
-def _include_demo(app: FastAPI) -> None:
-    try:
-        from .demo import router as demo_router
-    except ImportError:  # the demo page is optional
-        return
-    app.include_router(demo_router)

@@ -36,8 +36,10 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or is_open(scope) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
+        body = {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"}
+        request_id = scope.get("state", {}).get("request_id")
         response = JSONResponse(
-            {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+            {**body, "request_id": request_id} if request_id else body,
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )

@@ -1,13 +1,19 @@
-"""Dynamic batching: one bounded queue per key (here: (model, r)), each drained by its own loop.
+"""Dynamic batching: one bounded queue per (model, r), each turning its items into batches.
 
-Nothing here knows about HTTP or models. A :class:`Batcher` takes payloads with a deadline and
-hands lists of them to a runner coroutine. A batch closes when it holds ``max_batch_size`` jobs
-or when its oldest job has waited ``max_delay_s``; it only ever holds jobs of one key, so for the
-server every batch has one model and one r and therefore one static shape.
+A :class:`BatchQueue` closes a batch when it holds ``max_batch_size`` items or when its oldest item
+has waited ``batch_wait_timeout_s``, and hands it to the runner (the model's inference worker),
+which computes it and resolves each item's future. At most ``max_concurrent_batches`` batches of one
+queue run at once; the next batch is only formed when a runner can take it, so it can still grow
+meanwhile.
 
-Backpressure: a full queue refuses new jobs (:class:`QueueFullError`, with a retry hint). A job
-whose deadline passes while queued is failed with :class:`DeadlineExceededError` and never reaches
-the runner; a job its caller gave up on (:meth:`Batcher.withdraw`) is dropped the same way.
+Backpressure: a full queue refuses new items (:class:`~.errors.QueueFull`, with a retry hint). An
+item whose deadline passes while queued fails with :class:`~.errors.DeadlineExceeded` and never
+reaches the runner; an item its caller gave up on (:meth:`Batcher.withdraw`) is dropped the same way.
+
+The queue key and the r of a batch are separate: when a batch is formed, a ``plan`` hook sees the
+queued items and decides the batch's r and how many items it takes (by default: the key's r, and
+up to ``max_batch_size``). A queue whose key's r is a placeholder, with a planner that picks r from
+the items' deadlines, fits the same loop.
 """
 
 from __future__ import annotations
@@ -17,80 +23,87 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import BatchFailed, DeadlineExceeded, QueueFull, Unavailable
+from .item import Item, QueueKey
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K", bound=Hashable)
-P = TypeVar("P")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_size: int = 8
-    max_delay_s: float = 0.005
-    max_queue: int = 64
-    max_running: int = 1
-    """Batches of one key that may run at once (one per inference thread that can take them)."""
+    batch_wait_timeout_s: float = 0.005
+    """Longest time the oldest item of a batch waits for the batch to fill."""
+    max_queue_size: int = 64
+    """Items one queue holds; more are refused with 429."""
+    max_concurrent_batches: int = 1
+    """Batches of one queue that may run at once (one per inference thread that can take them)."""
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_s < 0 or self.max_running < 1:
+        if (
+            self.max_batch_size < 1
+            or self.max_queue_size < 1
+            or self.batch_wait_timeout_s < 0
+            or self.max_concurrent_batches < 1
+        ):
             raise ValueError(f"invalid batch policy {self}")
 
 
-class QueueFullError(Exception):
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"queue full, retry in {retry_after_s:.1f}s")
-        self.retry_after_s = retry_after_s
+@dataclass(frozen=True)
+class Batch:
+    key: QueueKey
+    r: int
+    """The r this batch runs at."""
+    items: list[Item]
+    started_at: float
+    """``time.monotonic()`` when the batch was formed and handed to the runner."""
 
 
-class DeadlineExceededError(Exception):
-    """The job's deadline passed before it was computed."""
+BatchRunner = Callable[[Batch], Awaitable[None]]
+"""Computes a batch and resolves every live item's future (with a result or an error)."""
 
 
-class ClosedError(Exception):
-    """The batcher is shutting down and takes no new jobs."""
+class BatchPlan(NamedTuple):
+    r: int
+    """The r the batch runs at."""
+    size: int | None = None
+    """Items to take from the head of the queue; None: as many as ``max_batch_size`` allows."""
 
 
-class BatchFailedError(Exception):
-    """The runner raised while computing the batch that held this job."""
+Planner = Callable[[QueueKey, Sequence[Item]], BatchPlan]
+"""Called when a batch is formed, with the live queued items (oldest first)."""
 
 
-@dataclass(eq=False)
-class Job(Generic[P, R]):
-    payload: P
-    deadline: float
-    """``time.monotonic()`` after which the job is not worth computing."""
-    future: asyncio.Future[R]
-    enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    """When the batch holding this job was handed to the runner."""
-    batch_size: int = 0
-
-    @property
-    def live(self) -> bool:
-        return not self.future.done()
+def key_plan(key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
+    """The default :data:`Planner`: a batch runs at its queue's r and is as large as allowed."""
+    return BatchPlan(key.r)
 
 
-Runner = Callable[[K, list[Job[P, R]]], Awaitable[list[R]]]
-"""Computes one batch; returns one result per job, in order. Runs at most ``max_running`` batches
-of one key at a time."""
+def _shutting_down() -> Unavailable:
+    return Unavailable("the server is shutting down", closing=True)
 
 
-class _KeyQueue(Generic[K, P, R]):
+class BatchQueue:
     """The bounded queue of one key and the loop that turns it into batches."""
 
     def __init__(
-        self, key: K, policy: BatchPolicy, runner: Runner, on_depth: Callable[[K, int], None]
+        self,
+        key: QueueKey,
+        policy: BatchPolicy,
+        runner: BatchRunner,
+        on_depth: Callable[[QueueKey, int], None],
+        plan: Planner = key_plan,
     ) -> None:
         self.key = key
         self._policy = policy
         self._runner = runner
         self._on_depth = on_depth
-        self._jobs: deque[Job[P, R]] = deque()
+        self._plan = plan
+        self._items: deque[Item] = deque()
         self._arrived = asyncio.Event()
         self._closing = False
         self._batch_seconds = 0.0  # moving average, for the retry hint
@@ -98,19 +111,24 @@ class _KeyQueue(Generic[K, P, R]):
 
     @property
     def depth(self) -> int:
-        return len(self._jobs)
+        return len(self._items)
 
-    def put(self, job: Job[P, R]) -> None:
+    def check_room(self) -> None:
         if self._closing:
-            raise ClosedError("shutting down")
-        if len(self._jobs) >= self._policy.max_queue:
-            raise QueueFullError(self.retry_after_s())
-        self._jobs.append(job)
+            raise _shutting_down()
+        if len(self._items) >= self._policy.max_queue_size:
+            model, r = self.key
+            detail = f"the queue for model {model} at r={r} is full; retry later"
+            raise QueueFull(detail, self.retry_after_s())
+
+    def put(self, item: Item) -> None:
+        self.check_room()
+        self._items.append(item)
         self._changed()
 
-    def remove(self, job: Job[P, R]) -> None:
+    def remove(self, item: Item) -> None:
         try:
-            self._jobs.remove(job)
+            self._items.remove(item)
         except ValueError:
             return  # already taken into a batch
         self._changed()
@@ -120,39 +138,38 @@ class _KeyQueue(Generic[K, P, R]):
         self._arrived.set()
 
     def retry_after_s(self) -> float:
-        """Roughly how long until the queue has room: the batches ahead of a new job, times a batch."""
-        batches_ahead = math.ceil(len(self._jobs) / self._policy.max_batch_size)
+        """Roughly how long until the queue has room: the batches ahead of a new item, times a batch."""
+        batches_ahead = math.ceil(len(self._items) / self._policy.max_batch_size)
         return max(1.0, batches_ahead * self._batch_seconds)
 
     def _changed(self) -> None:
         self._arrived.set()
-        self._on_depth(self.key, len(self._jobs))
+        self._on_depth(self.key, len(self._items))
 
     async def _loop(self) -> None:
         running: set[asyncio.Task[None]] = set()
         while True:
-            # A batch is formed only when a runner can take it, so it can still grow meanwhile.
-            while len(running) >= self._policy.max_running:
+            while len(running) >= self._policy.max_concurrent_batches:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             batch = await self._next_batch()
             if batch is None:
                 break
-            if batch:
+            if batch.items:
                 task = asyncio.get_running_loop().create_task(self._run(batch))
                 running.add(task)
                 task.add_done_callback(running.discard)
         await asyncio.gather(*running)
 
-    async def _next_batch(self) -> list[Job[P, R]] | None:
-        """Wait for the oldest job, then for more until the batch is full or the oldest's delay is up.
-        Returns None once closing and empty; an empty list if every job taken had expired."""
-        while not self._jobs:
+    async def _next_batch(self) -> Batch | None:
+        """Wait for the oldest item, then for more until the batch is full or the oldest's wait is
+        up. None once closing and empty; a batch without items if every item taken had expired."""
+        while not self._items:
             if self._closing:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
-        close_at = self._jobs[0].enqueued_at + self._policy.max_delay_s
-        while len(self._jobs) < self._policy.max_batch_size and not self._closing:
+        close_at = self._items[0].enqueued_at + self._policy.batch_wait_timeout_s
+        while len(self._items) < self._policy.max_batch_size and not self._closing:
             remaining = close_at - time.monotonic()
             if remaining <= 0:
                 break
@@ -161,95 +178,94 @@ class _KeyQueue(Generic[K, P, R]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 break
-            if not self._jobs:  # every job was withdrawn while we waited
-                return []
+            if not self._items:  # every item was withdrawn while we waited
+                break
         return self._take()
 
-    def _take(self) -> list[Job[P, R]]:
+    def _take(self) -> Batch:
         now = time.monotonic()
-        batch: list[Job[P, R]] = []
-        while self._jobs and len(batch) < self._policy.max_batch_size:
-            job = self._jobs.popleft()
-            if not job.live:
-                continue
-            if job.deadline <= now:
-                job.future.set_exception(DeadlineExceededError("deadline passed while queued"))
-                continue
-            batch.append(job)
-        self._on_depth(self.key, len(self._jobs))
-        for job in batch:
-            job.started_at = now
-            job.batch_size = len(batch)
-        return batch
+        live: deque[Item] = deque()
+        for item in self._items:  # drop what nobody waits for, failing the expired
+            if item.live and item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded("the deadline passed while queued"))
+            if item.live:
+                live.append(item)
+        self._items = live
+        items: list[Item] = []
+        r = self.key.r
+        if live:
+            r, size = self._plan(self.key, tuple(live))
+            limit = self._policy.max_batch_size if size is None else min(size, self._policy.max_batch_size)
+            items = [live.popleft() for _ in range(min(max(limit, 1), len(live)))]
+        self._on_depth(self.key, len(self._items))
+        return Batch(self.key, r, items, now)
 
-    async def _run(self, batch: list[Job[P, R]]) -> None:
+    async def _run(self, batch: Batch) -> None:
         started = time.monotonic()
         try:
-            results = await self._runner(self.key, batch)
-            if len(results) != len(batch):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} jobs")
-        except Exception as exc:  # one failed batch must not stop the loop
-            log.exception("batch of %d for %s failed", len(batch), self.key)
-            for job in batch:
-                if job.live:
-                    job.future.set_exception(BatchFailedError(f"{type(exc).__name__}: {exc}"))
-            return
+            await self._runner(batch)
+        except Exception as exc:  # the runner resolves its items; this is the safety net
+            log.exception("batch of %d for %s failed", len(batch.items), self.key)
+            for item in batch.items:
+                if item.live:
+                    item.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
         finally:
             elapsed = time.monotonic() - started
             previous = self._batch_seconds or elapsed
             self._batch_seconds = 0.8 * previous + 0.2 * elapsed
-        for job, result in zip(batch, results, strict=True):
-            if job.live:  # its caller may have given up meanwhile
-                job.future.set_result(result)
 
 
-class Batcher(Generic[K, P, R]):
-    """Queues keyed by ``K``, created on first use, each with its own batching loop."""
+class Batcher:
+    """The queues, one per key, created on first use."""
 
     def __init__(
-        self, policy: BatchPolicy, runner: Runner, on_depth: Callable[[K, int], None] | None = None
+        self,
+        policy: BatchPolicy,
+        runner: BatchRunner,
+        on_depth: Callable[[QueueKey, int], None] | None = None,
+        plan: Planner = key_plan,
     ) -> None:
         self.policy = policy
         self._runner = runner
         self._on_depth = on_depth or (lambda key, depth: None)
-        self._queues: dict[K, _KeyQueue[K, P, R]] = {}
+        self._plan = plan
+        self._queues: dict[QueueKey, BatchQueue] = {}
         self._closed = False
 
-    def _queue(self, key: K) -> _KeyQueue[K, P, R]:
+    def _queue(self, key: QueueKey) -> BatchQueue:
         queue = self._queues.get(key)
         if queue is None:
             if self._closed:
-                raise ClosedError("shutting down")
-            queue = self._queues[key] = _KeyQueue(key, self.policy, self._runner, self._on_depth)
+                raise _shutting_down()
+            queue = BatchQueue(key, self.policy, self._runner, self._on_depth, self._plan)
+            self._queues[key] = queue
         return queue
 
-    def depth(self, key: K) -> int:
+    def depth(self, key: QueueKey) -> int:
         queue = self._queues.get(key)
         return queue.depth if queue else 0
 
-    def check_room(self, key: K) -> None:
-        """Raise :class:`QueueFullError` or :class:`ClosedError` now if a job for ``key`` would be
-        refused, so callers can refuse before doing any expensive work."""
+    def check_room(self, key: QueueKey) -> None:
+        """Raise now if an item for ``key`` would be refused, so callers can refuse before doing
+        any expensive work."""
         if self._closed:
-            raise ClosedError("shutting down")
-        queue = self._queues.get(key)
-        if queue is not None and queue.depth >= self.policy.max_queue:
-            raise QueueFullError(queue.retry_after_s())
-
-    def submit(self, key: K, payload: P, deadline: float) -> Job[P, R]:
-        job: Job[P, R] = Job(payload, deadline, asyncio.get_running_loop().create_future())
-        self._queue(key).put(job)
-        return job
-
-    def withdraw(self, key: K, job: Job[P, R]) -> None:
-        """The caller gave up on ``job``: drop it from its queue and never deliver its result."""
+            raise _shutting_down()
         queue = self._queues.get(key)
         if queue is not None:
-            queue.remove(job)
-        job.future.cancel()
+            queue.check_room()
+
+    def submit(self, item: Item) -> None:
+        self._queue(item.key).put(item)
+
+    def withdraw(self, item: Item) -> None:
+        """The caller gave up on ``item``: drop it from its queue and never deliver its result."""
+        queue = self._queues.get(item.key)
+        if queue is not None:
+            queue.remove(item)
+        item.future.cancel()
 
     async def drain(self) -> None:
-        """Refuse new jobs, finish every queued one, and stop the loops."""
+        """Refuse new items, finish every queued one, and stop the loops."""
         self._closed = True
         for queue in self._queues.values():
             queue.close()

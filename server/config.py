@@ -1,46 +1,82 @@
-"""Settings: every option comes from a ``TOME_*`` environment variable or the command line.
+"""Settings: every option comes from the command line or a ``TOME_*`` environment variable.
 
-Routes get the settings through FastAPI dependency injection (:func:`get_settings`), never from a
-module global, so tests can build apps with different settings side by side.
+``tome-serve --help`` is generated from this class by pydantic-settings: each field is a flag
+(``max_batch_size`` -> ``--max-batch-size``) whose help text is the field's description, and a
+value on the command line wins over the environment. Routes get the settings through the app
+(``request.app.state``), never from a module global, so tests can build apps side by side.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import Request
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TOME_", extra="ignore", protected_namespaces=())
+    """Serve timm Vision Transformers accelerated with Token Merging (ToMe) over HTTP. Every option
+    falls back to the environment variable TOME_<OPTION> (e.g. TOME_MAX_BATCH_SIZE); the command
+    line wins. SIGTERM or Ctrl-C drains: /readyz turns 503, queued requests finish, then it exits.
+    Exit status: 0 after a clean shutdown, 1 when a model cannot be served, 2 for invalid settings,
+    3 when the port cannot be bound."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOME_",
+        extra="ignore",
+        protected_namespaces=(),
+        cli_prog_name="tome-serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
 
     model: str = Field(
-        "vit_base_patch16_224", description="timm model name(s), comma-separated; the first is the default"
+        "vit_base_patch16_224",
+        description="timm model name; comma-separated for several (the first is the default)",
     )
-    weights: str = Field("pretrained", description="'pretrained', 'random', or a local weights file")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    weights: str = Field(
+        "pretrained",
+        description="'pretrained' (model hub, cached under HF_HOME), 'random', or a local weights file",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="model precision (half precision is for GPUs)"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     model_kwargs: Annotated[dict[str, Any], NoDecode] = Field(
-        default_factory=dict, description="JSON object of extra timm.create_model kwargs"
+        default_factory=dict,
+        description="JSON object of extra timm.create_model arguments, e.g. '{\"img_size\": 224}'",
     )
 
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    max_delay_ms: float = Field(5.0, ge=0.0)
-    max_queue: int = Field(64, ge=1, description="capacity of each (model, r) queue")
-    request_timeout_ms: float = Field(10_000.0, gt=0.0)
-    max_upload_bytes: int = Field(10 * MIB, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    default_r: int = Field(16, ge=0)
-    max_r: int | None = Field(None, ge=0, description="cap on r; each model's own maximum otherwise")
-    api_key: SecretStr | None = None
-    preprocess_threads: int = Field(2, ge=1, description="threads that decode and preprocess images")
+    max_batch_size: int = Field(
+        8, ge=1, le=1024, description="a batch closes when it holds this many images..."
+    )
+    max_delay_ms: float = Field(5.0, ge=0.0, description="...or when its oldest request has waited this long")
+    max_queue: int = Field(
+        64, ge=1, description="capacity of each (model, r) queue; a full queue answers 429"
+    )
+    request_timeout_ms: float = Field(
+        10_000.0, gt=0.0, description="deadline from a request's arrival; then 504"
+    )
+    max_upload_bytes: int = Field(10 * MIB, ge=1, description="largest upload; larger ones get 413")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="largest image (width x height), checked before decoding"
+    )
+    default_r: int = Field(
+        16, ge=0, description="r for requests that give none (capped at each model's r_max)"
+    )
+    max_r: int | None = Field(None, ge=0, description="cap on r; unset: each model's own maximum")
+    api_key: SecretStr | None = Field(
+        None, description="when set, requests need 'Authorization: Bearer <key>' (prefer the variable)"
+    )
+    preprocess_threads: int = Field(2, ge=1, description="threads that decode, resize and crop uploads")
     instances: int = Field(
         1,
         ge=1,
@@ -48,12 +84,10 @@ class Settings(BaseSettings):
         description="inference threads per model, each running whole batches; on CPU they split "
         "torch's threads between them (more throughput, longer batches)",
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    access_log: bool = Field(False, description="log every request (costs throughput)")
-
-    test_fail_r: int | None = Field(
-        None, description="TEST ONLY: every batch at this r raises inside the inference worker"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level"
     )
+    access_log: bool = Field(False, description="log every request (costs throughput)")
 
     @field_validator("model_kwargs", mode="before")
     @classmethod
@@ -62,12 +96,12 @@ class Settings(BaseSettings):
             try:
                 value = json.loads(value) if value.strip() else {}
             except json.JSONDecodeError as exc:
-                raise ValueError(f"TOME_MODEL_KWARGS must be a JSON object: {exc}") from exc
+                raise ValueError(f"--model-kwargs / TOME_MODEL_KWARGS must be a JSON object: {exc}") from exc
         if not isinstance(value, dict):
-            raise ValueError("TOME_MODEL_KWARGS must be a JSON object")
+            raise ValueError("--model-kwargs / TOME_MODEL_KWARGS must be a JSON object")
         return value
 
-    @field_validator("max_r", "test_fail_r", "api_key", mode="before")
+    @field_validator("max_r", "api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -76,8 +110,18 @@ class Settings(BaseSettings):
     @classmethod
     def _some_model(cls, value: str) -> str:
         if not [name for name in value.split(",") if name.strip()]:
-            raise ValueError("TOME_MODEL names no model")
+            raise ValueError("--model / TOME_MODEL names no model")
         return value
+
+    @model_validator(mode="after")
+    def _default_r_within_max_r(self) -> Settings:
+        explicit = "default_r" in self.model_fields_set
+        if explicit and self.max_r is not None and self.default_r > self.max_r:
+            raise ValueError(
+                f"--default-r / TOME_DEFAULT_R ({self.default_r}) is above "
+                f"--max-r / TOME_MAX_R ({self.max_r})"
+            )
+        return self
 
     @property
     def model_names(self) -> list[str]:
@@ -93,6 +137,5 @@ class Settings(BaseSettings):
         return self.request_timeout_ms / 1000.0
 
 
-def get_settings(request: Request) -> Settings:
-    """FastAPI dependency: the settings the app was built with."""
-    return request.app.state.settings
+# The class docstring is the description of ``tome-serve --help``, which shows it as written.
+Settings.__doc__ = inspect.cleandoc(Settings.__doc__ or "")

@@ -1,8 +1,8 @@
 """Bytes from a client -> a validated RGB PIL image, or an :class:`ImageError` that says what is wrong.
 
-Every failure a client can cause is an ImageError with a 4xx status: the size of the image is
-checked from its header before any pixel is decoded, and whatever the decoder raises on broken data
-becomes a 422 instead of a 500.
+Every failure a client can cause is an :class:`~.errors.ImageError` with a 4xx status: the size of
+the image is checked from its header before any pixel is decoded, and whatever the decoder raises
+on broken data becomes a 422 instead of a 500.
 """
 
 from __future__ import annotations
@@ -14,19 +14,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 log = logging.getLogger(__name__)
 
 # Composited behind transparent pixels: ImageNet photos have no alpha, and white is what a viewer shows.
 BACKGROUND = (255, 255, 255)
-
-
-class ImageError(ValueError):
-    """The upload is not a usable image; ``status_code`` is the HTTP status to answer with."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,17 +1,24 @@
-"""The demo page: ``GET /`` and its static assets, shipped inside the package in ``static/``.
+"""The demo page: ``GET /`` and its static assets under ``/static/``, shipped inside the package.
 
 The page is plain HTML, CSS and JavaScript with no build step and no third-party assets, so it
 works on an offline server. It calls the public API (``/models``, ``/classify``, ``/visualize``)
-from the browser like any other client, so it needs no server-side state of its own.
+from the browser like any other client, so it needs no server-side state of its own. The assets
+are served by Starlette's ``StaticFiles`` (which refuses paths that resolve outside the folder),
+limited to the web asset types below and sent with fixed media types and headers.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import MappingProxyType
 
-from fastapi import APIRouter, HTTPException
+from fastapi import FastAPI
 from fastapi.responses import FileResponse
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.staticfiles import NotModifiedResponse, StaticFiles
+from starlette.types import Scope
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -41,34 +48,38 @@ _PAGE_HEADERS = MappingProxyType(
 _ASSET_HEADERS = MappingProxyType({"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
 
-def _asset_index(root: Path) -> MappingProxyType[str, Path]:
-    """Map URL paths to the files shipped under ``root``.
+class DemoAssets(StaticFiles):
+    """``StaticFiles`` that serves only web assets (not, say, ``samples/SOURCES.md``), with the
+    media types above rather than the platform's guesses, and the asset headers."""
 
-    Serving only from this fixed index means a crafted path (``..``, encoded separators, symlinks
-    added later) has nothing to resolve to.
-    """
-    files = {
-        path.relative_to(root).as_posix(): path
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.suffix in _MEDIA_TYPES
-    }
-    return MappingProxyType(files)
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        if Path(path).suffix not in _MEDIA_TYPES:
+            return "", None
+        return super().lookup_path(path)
+
+    def file_response(
+        self,
+        full_path: os.PathLike[str] | str,
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        media_type = _MEDIA_TYPES[Path(full_path).suffix]
+        response = FileResponse(
+            full_path, status_code, dict(_ASSET_HEADERS), media_type, stat_result=stat_result
+        )
+        if self.is_not_modified(response.headers, Headers(scope=scope)):
+            return NotModifiedResponse(response.headers)
+        return response
 
 
-_ASSETS = _asset_index(STATIC_DIR)
-
-router = APIRouter(include_in_schema=False)
-
-
-@router.get("/")
 def demo_page() -> FileResponse:
-    page = STATIC_DIR / "index.html"
-    return FileResponse(page, media_type=_MEDIA_TYPES[".html"], headers=dict(_PAGE_HEADERS))
+    return FileResponse(
+        STATIC_DIR / "index.html", media_type=_MEDIA_TYPES[".html"], headers=dict(_PAGE_HEADERS)
+    )
 
 
-@router.get("/static/{asset_path:path}")
-def static_asset(asset_path: str) -> FileResponse:
-    path = _ASSETS.get(asset_path)
-    if path is None:
-        raise HTTPException(status_code=404, detail=f"no static asset named {asset_path!r}")
-    return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=dict(_ASSET_HEADERS))
+def install(app: FastAPI) -> None:
+    """Add ``GET /`` and mount the assets at ``/static``."""
+    app.add_api_route("/", demo_page, methods=["GET"], include_in_schema=False)
+    app.mount("/static", DemoAssets(directory=STATIC_DIR), name="static")

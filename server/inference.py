@@ -1,4 +1,4 @@
-"""The inference worker: the threads that run a model, one batch per thread at a time.
+"""The inference worker: runs a formed batch through the patched model and answers each item.
 
 Each model gets its own inference threads (``TOME_INSTANCES``, default one), so batches never
 wait behind the decoding threads or the event loop. Several threads may call the same model at
@@ -7,11 +7,15 @@ the merge schedule and token bookkeeping in context variables of that call, neve
 On a CPU the threads split torch's intra-op threads between them: two single-threaded batches
 side by side lose less to synchronisation, and to a core briefly taken by other work, than one
 batch spread over both cores.
+
+A batch's thread also draws the merge maps its items asked for, so the pixels never travel back
+up; each item's future gets a :class:`~.item.Result` holding only its own image's data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,85 +24,115 @@ import torch
 
 import tome
 
+from .batching import Batch
+from .errors import BatchFailed
+from .item import Prediction, Result
+from .metrics import Metrics
 from .models import LoadedModel
+from .render import merge_map_png
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ItemOutput:
-    """One image's share of a batch's output."""
+class _Forward:
+    """What one forward pass over a batch gave."""
 
-    indices: list[int]
-    """Class indices, best first (as many as the batch's largest top_k asked for)."""
-    scores: list[float]
-    source: torch.Tensor | None
-    """[N_in] final token of every input token, when the batch traced sources."""
-
-
-@dataclass(frozen=True)
-class BatchOutput:
-    items: list[ItemOutput]
-    input_tokens: int
-    token_counts: list[int]
+    logits: torch.Tensor
+    info: tome.MergeInfo
     seconds: float
-    """Wall time of the forward pass (including moving the batch to the device)."""
-
-    @property
-    def output_tokens(self) -> int:
-        return self.token_counts[-1] if self.token_counts else self.input_tokens
-
-
-class InjectedFault(RuntimeError):
-    """Raised on purpose by the test-only TOME_TEST_FAIL_R setting."""
 
 
 class InferenceWorker:
     """Owns one :class:`LoadedModel` and the ``instances`` threads that call it."""
 
-    def __init__(self, model: LoadedModel, fail_r: int | None = None, instances: int = 1) -> None:
+    def __init__(self, model: LoadedModel, metrics: Metrics, instances: int = 1) -> None:
         self.model = model
-        self._fail_r = fail_r
+        self._metrics = metrics
         torch_threads = max(1, torch.get_num_threads() // instances)
-        self._thread = ThreadPoolExecutor(
+        self._threads = ThreadPoolExecutor(
             max_workers=instances,
             thread_name_prefix=f"infer-{model.name}",
             initializer=_use_torch_threads if model.device.type == "cpu" and instances > 1 else None,
             initargs=(torch_threads,),
         )
 
-    async def run(self, r: int, inputs: list[torch.Tensor], top_k: int, trace_source: bool) -> BatchOutput:
+    async def run(self, batch: Batch) -> None:
+        """Compute ``batch`` in an inference thread and resolve each live item's future."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self.forward, r, inputs, top_k, trace_source)
+        try:
+            results = await loop.run_in_executor(self._threads, self._compute, batch)
+        except Exception as exc:  # one failed batch fails its items only; the loop goes on
+            log.exception("batch of %d for %s at r=%d failed", len(batch.items), self.model.name, batch.r)
+            for item in batch.items:
+                if item.live:
+                    item.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        for item, result in zip(batch.items, results, strict=True):
+            if item.live:  # its caller may have given up meanwhile
+                item.future.set_result(result)
+        first = results[0]
+        self._metrics.observe_batch(
+            self.model.name,
+            batch.r,
+            [result.queue_s for result in results],
+            first.inference_s,
+            first.input_tokens - first.output_tokens,
+        )
+
+    def _compute(self, batch: Batch) -> list[Result]:
+        """Runs in an inference thread."""
+        model, items = self.model, batch.items
+        top_k = max(item.want.top_k for item in items) if model.num_classes else 0
+        trace = any(item.want.merge_map for item in items)
+        out = self._forward(batch.r, [item.pixels for item in items], trace)
+        indices, scores = _top_k(out.logits, top_k)
+        results = []
+        for i, item in enumerate(items):
+            k = item.want.top_k
+            predictions = [
+                Prediction(index, model.labels[index], score)
+                for index, score in zip(indices[i][:k], scores[i][:k], strict=True)
+            ]
+            png = None
+            if item.want.merge_map and out.info.source is not None:
+                png = merge_map_png(item.pixels, out.info.source[i].cpu(), model.patch_size)
+            results.append(
+                Result(
+                    model=model.name,
+                    weights=model.weights,
+                    r=batch.r,
+                    predictions=predictions,
+                    merge_map_png=png,
+                    input_tokens=out.info.input_tokens,
+                    token_counts=list(out.info.token_counts),
+                    batch_size=len(items),
+                    queue_s=batch.started_at - item.enqueued_at,
+                    inference_s=out.seconds,
+                )
+            )
+        return results
+
+    def _forward(self, r: int, pixels: list[torch.Tensor], trace_source: bool) -> _Forward:
+        model = self.model
+        started = time.perf_counter()
+        with torch.inference_mode(), tome.merging(r=r, trace_source=trace_source) as info:
+            batch = torch.stack(pixels).to(device=model.device, non_blocking=True)
+            logits = model.module(model.preprocessor.normalize(batch, model.dtype))
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+        return _Forward(logits, info, time.perf_counter() - started)
 
     def warm(self, batch_sizes: tuple[int, ...]) -> None:
         """Run dummy batches of every size at the default r (and one traced), so the first real
         requests do not pay for lazy initialisation; blocks until done."""
         shape = self.model.preprocessor.input_size
-        calls = [(size, False) for size in batch_sizes] + [(1, True)]
-        for size, trace in calls:
-            inputs = [torch.zeros(shape, dtype=torch.uint8)] * size
-            self._thread.submit(self.forward, self.model.default_r, inputs, 1, trace).result()
-
-    def forward(self, r: int, inputs: list[torch.Tensor], top_k: int, trace_source: bool) -> BatchOutput:
-        """Runs in the worker thread: one forward pass over the stacked batch."""
-        if self._fail_r is not None and r == self._fail_r:
-            raise InjectedFault(f"TOME_TEST_FAIL_R={self._fail_r}: this batch fails on purpose (tests only)")
-        model = self.model
-        started = time.perf_counter()
-        with torch.inference_mode(), tome.merging(r=r, trace_source=trace_source) as info:
-            pixels = torch.stack(inputs).to(device=model.device, non_blocking=True)
-            batch = model.preprocessor.normalize(pixels, model.dtype)
-            outputs = model.module(batch)
-            indices, scores = _top_k(outputs, top_k if model.num_classes else 0)
-            source = info.source.cpu() if trace_source and info.source is not None else None
-        seconds = time.perf_counter() - started
-        items = [
-            ItemOutput(indices=indices[i], scores=scores[i], source=None if source is None else source[i])
-            for i in range(len(inputs))
-        ]
-        return BatchOutput(items, info.input_tokens, list(info.token_counts), seconds)
+        for size, trace in [(size, False) for size in batch_sizes] + [(1, True)]:
+            pixels = [torch.zeros(shape, dtype=torch.uint8)] * size
+            self._threads.submit(self._forward, self.model.default_r, pixels, trace).result()
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._threads.shutdown(wait=True)
 
 
 def _use_torch_threads(count: int) -> None:

@@ -51,9 +51,7 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     if not module.num_classes:
         notes.append("no classifier head (num_classes=0): /classify is refused, /visualize works")
     module.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    r_max = tome.largest_useful_r(module)
-    if settings.max_r is not None:
-        r_max = min(r_max, settings.max_r)
+    r_max, default_r = _r_range(name, tome.largest_useful_r(module), settings, notes)
     for note in notes:
         log.warning("%s: %s", name, note)
     return LoadedModel(
@@ -66,10 +64,30 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
         labels=class_labels(module),
         num_tokens=tome.input_tokens(module),
         r_max=r_max,
-        default_r=min(settings.default_r, r_max),
+        default_r=default_r,
         costs=tome.cost_table(module, range(r_max + 1)),
         notes=notes,
     )
+
+
+def _r_range(name: str, useful: int, settings: Settings, notes: list[str]) -> tuple[int, int]:
+    """The model's r range and default r. Settings beyond what the model can use are capped, with a
+    note (logged, and listed by /models) rather than silently; the built-in default r (16) is
+    capped quietly."""
+    r_max = useful
+    if settings.max_r is not None:
+        if settings.max_r > useful:
+            notes.append(
+                f"--max-r / TOME_MAX_R is {settings.max_r}, above the largest useful r of {name} ({useful}); "
+                f"r is capped at {useful}"
+            )
+        r_max = min(useful, settings.max_r)
+    if settings.default_r > r_max and "default_r" in settings.model_fields_set:
+        notes.append(
+            f"--default-r / TOME_DEFAULT_R is {settings.default_r}, above the largest r {name} accepts "
+            f"({r_max}); its default r is {r_max}"
+        )
+    return r_max, min(settings.default_r, r_max)
 
 
 def _create(name: str, weights: str, kwargs: dict) -> tuple[nn.Module, str, list[str]]:

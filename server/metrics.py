@@ -1,5 +1,7 @@
-"""Prometheus metrics. Labels stay low-cardinality: ``model`` is a loaded model's name (or "none"
-before the request named a valid one), ``r`` a validated r as a string (or "none")."""
+"""Prometheus metrics, and the few calls that record them (one per event the server measures).
+
+Labels stay low-cardinality: ``model`` is a loaded model's name (or "none" before the request
+named a valid one), ``r`` a validated r as a string (or "none")."""
 
 from __future__ import annotations
 
@@ -78,6 +80,28 @@ class Metrics:
             ["model", "weights", "device", "dtype"],
             registry=reg,
         )
+
+    def observe_request(self, model: str, r: str, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, r, endpoint, str(status)).inc()
+        self.request_duration.labels(model, r, endpoint).observe(seconds)
+
+    def observe_batch(
+        self, model: str, r: int, queue_waits: list[float], seconds: float, tokens_merged: int
+    ) -> None:
+        """One computed batch: its size, forward time, each image's queue wait, merged tokens per image."""
+        labels = (model, str(r))
+        self.batch_size.labels(*labels).observe(len(queue_waits))
+        self.inference.labels(*labels).observe(seconds)
+        for wait in queue_waits:
+            self.queue_wait.labels(*labels).observe(wait)
+        self.images.labels(*labels).inc(len(queue_waits))
+        self.tokens_merged.labels(*labels).inc(len(queue_waits) * tokens_merged)
+
+    def set_queue_depth(self, model: str, r: int, depth: int) -> None:
+        self.queue_depth.labels(model, str(r)).set(depth)
+
+    def model_loaded(self, model: str, weights: str, device: str, dtype: str) -> None:
+        self.model_info.labels(model, weights, device, dtype).set(1)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,23 +1,76 @@
-"""Request metrics for the inference endpoints, as plain ASGI middleware.
+"""ASGI middleware: the request id (set once, here) and the request metrics.
 
-It sees every answer, including the 422s FastAPI produces before a route runs and the 401s of the
-auth layer. Routes put the validated (model, r) into the request state; until then both are "none".
+:class:`RequestIdMiddleware` takes the client's ``X-Request-ID`` when it is a sane token, or makes
+one, and puts it where everything else reads it: ``request.state.request_id`` for handlers and
+routes, the :data:`request_id` context variable for logging (:class:`RequestIdLogFilter`), and the
+``X-Request-ID`` header of the answer.
+
+:class:`RequestMetricsMiddleware` sees every answer of the inference endpoints, including the 422s
+FastAPI produces before a route runs and the 401s of the auth layer. Routes put the validated
+(model, r) into the request state with :func:`set_metric_labels`; until then both are "none".
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
+from contextvars import ContextVar
 
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import UNLABELLED, Metrics
 
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+request_id: ContextVar[str] = ContextVar("tome_request_id", default="-")
+"""The id of the request being handled in this task ("-" outside any request)."""
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        token = request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``request_id`` to every log record, and ``request`` (`` [<id>]`` inside a request,
+    empty outside), for the log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id.get()
+        record.request_id = rid
+        record.request = f" [{rid}]" if rid != "-" else ""
+        return True
+
+
 ENDPOINTS = {"/classify": "classify", "/visualize": "visualize"}
-LABELS_KEY = "tome_metric_labels"
+_LABELS_KEY = "tome_metric_labels"
 
 
 def set_metric_labels(state: dict, model: str, r: int) -> None:
-    state[LABELS_KEY] = (model, str(r))
+    state[_LABELS_KEY] = (model, str(r))
 
 
 class RequestMetricsMiddleware:
@@ -43,6 +96,5 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            model, r = state.get(LABELS_KEY, (UNLABELLED, UNLABELLED))
-            self.metrics.requests.labels(model, r, endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(model, r, endpoint).observe(time.perf_counter() - started)
+            model, r = state.get(_LABELS_KEY, (UNLABELLED, UNLABELLED))
+            self.metrics.observe_request(model, r, endpoint, status, time.perf_counter() - started)

@@ -1,4 +1,4 @@
-"""Merge map -> PNG bytes (runs in the preprocessing threads, off the event loop)."""
+"""Merge map -> PNG bytes (runs in the inference thread that computed the map, beside its pixels)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import torch
 
 import tome
 
-from .models import LoadedModel
 
-
-def merge_map_png(model: LoadedModel, model_input: torch.Tensor, source: torch.Tensor) -> bytes:
-    """Draw which patches of ``model_input`` (the resized, cropped uint8 image) merged into which token."""
-    image = tome.visualize(model_input.permute(1, 2, 0).numpy(), source, model.patch_size)
+def merge_map_png(pixels: torch.Tensor, source: torch.Tensor, patch_size: tuple[int, int]) -> bytes:
+    """Draw which patches of ``pixels`` (the resized, cropped uint8 [3, H, W] model input) merged
+    into which token; ``source`` is the final token of every input token."""
+    image = tome.visualize(pixels.permute(1, 2, 0).numpy(), source, patch_size)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

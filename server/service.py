@@ -1,10 +1,18 @@
-"""The inference service: loaded models, their workers, the (model, r) batcher and the thread pool
-for decoding. It holds everything a request needs and nothing of any one request."""
+"""The inference service: one call takes (model, r, image bytes, what to return) and gives a Result.
+
+:meth:`InferenceService.infer` checks the request (:meth:`~InferenceService.admit`), decodes and
+preprocesses the image in a thread pool (decode.py, preprocess.py), queues it as one
+:class:`~.item.Item` by (model, r) (batching.py), and waits for its batch (inference.py) until
+the deadline. Every failure is an exception from errors.py. Cancelling the call (the client hung
+up) takes the item out of its queue. The service also owns the life cycle: loading, readiness,
+draining.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,21 +20,21 @@ from enum import StrEnum
 
 import torch
 
-from .batching import Batcher, BatchPolicy, Job
+from .batching import Batch, Batcher, BatchPolicy
 from .config import Settings
 from .decode import decode_image
-from .inference import BatchOutput, InferenceWorker, ItemOutput
+from .errors import BadRequest, DeadlineExceeded, Unavailable, UnknownModel
+from .inference import InferenceWorker
+from .item import Item, QueueKey, Result, Want
 from .loading import StartupError, load_model
 from .metrics import Metrics
 from .models import LoadedModel
-from .render import merge_map_png
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, int]
-"""(model name, r): the batching key. Batches never mix models or r."""
-
 Loader = Callable[[str, Settings], LoadedModel]
+
+DEFAULT_TOP_K = 5
 
 
 class Phase(StrEnum):
@@ -37,18 +45,16 @@ class Phase(StrEnum):
 
 
 @dataclass(frozen=True)
-class Work:
-    """One queued image."""
+class Admitted:
+    """A request the service will take: its model, r, and what to compute (top_k resolved)."""
 
-    model_input: torch.Tensor
-    top_k: int
-    trace_source: bool
+    model: LoadedModel
+    r: int
+    want: Want
 
-
-@dataclass(frozen=True)
-class Answer:
-    item: ItemOutput
-    batch: BatchOutput
+    @property
+    def key(self) -> QueueKey:
+        return QueueKey(self.model.name, self.r)
 
 
 class InferenceService:
@@ -60,10 +66,108 @@ class InferenceService:
         self.workers: dict[str, InferenceWorker] = {}
         self._loader = loader
         policy = BatchPolicy(
-            settings.max_batch_size, settings.max_delay_s, settings.max_queue, max_running=settings.instances
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.max_delay_s,
+            max_queue_size=settings.max_queue,
+            max_concurrent_batches=settings.instances,
         )
-        self.batcher: Batcher[Key, Work, Answer] = Batcher(policy, self._run_batch, self._record_depth)
-        self._prepare_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="prepare")
+        self.batcher = Batcher(policy, self._run_batch, self._record_depth)
+        self._decode_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="decode")
+
+    # -- the request path ----------------------------------------------------------------------
+
+    async def infer(
+        self, model: str | None, r: int | None, image: bytes, want: Want, arrived: float | None = None
+    ) -> Result:
+        """The result for one image; raises an errors.ServeError subtype when there is none."""
+        arrived = time.monotonic() if arrived is None else arrived
+        # A request whose upload was still arriving when the drain began is finished, not refused.
+        admitted = self.admit(model, r, want, while_draining=True)
+        self.check_room(admitted)
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, self._prepare, admitted.model, image
+        )
+        item = Item(
+            model=admitted.model.name,
+            r=admitted.r,
+            pixels=pixels,
+            want=admitted.want,
+            arrived=arrived,
+            deadline=arrived + self.settings.request_timeout_s,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self.batcher.submit(item)
+        try:
+            async with asyncio.timeout_at(_loop_time(item.deadline)):
+                return await asyncio.shield(item.future)
+        except TimeoutError:
+            raise self._timed_out() from None
+        except DeadlineExceeded:
+            raise self._timed_out() from None
+        finally:
+            if item.live:  # timed out or cancelled: leave the queue, drop any late result
+                self.batcher.withdraw(item)
+
+    def admit(
+        self, model: str | None, r: int | None, want: Want, *, while_draining: bool = False
+    ) -> Admitted:
+        """Check a request before any work is done on it: 503 unless ready (or, with
+        ``while_draining``, draining), 404 for an unknown model, 422 for r or top_k out of range."""
+        taking = (Phase.READY, Phase.DRAINING) if while_draining else (Phase.READY,)
+        if self.phase not in taking:
+            raise self.unavailable()
+        name = self.settings.model_names[0] if model is None else model
+        worker = self.workers.get(name)
+        if worker is None:
+            loaded = ", ".join(self.workers)
+            raise UnknownModel(f"no model named {name!r} is loaded (loaded: {loaded})")
+        loaded_model = worker.model
+        r = loaded_model.default_r if r is None else r
+        if not 0 <= r <= loaded_model.r_max:
+            raise BadRequest(f"r must lie in [0, {loaded_model.r_max}] for {loaded_model.name}, got {r}")
+        return Admitted(loaded_model, r, self._resolve_want(loaded_model, want))
+
+    def check_room(self, admitted: Admitted) -> None:
+        """429 (or 503 when shutting down) now if the request's queue would refuse it."""
+        self.batcher.check_room(admitted.key)
+
+    @staticmethod
+    def _resolve_want(model: LoadedModel, want: Want) -> Want:
+        if want.top_k == 0:
+            return want
+        if not model.num_classes:
+            raise BadRequest(f"{model.name} has no classifier head; use /visualize")
+        top_k = min(DEFAULT_TOP_K, model.num_classes) if want.top_k is None else want.top_k
+        if not 1 <= top_k <= model.num_classes:
+            raise BadRequest(f"top_k must lie in [1, {model.num_classes}], got {top_k}")
+        return Want(top_k=top_k, merge_map=want.merge_map)
+
+    def _prepare(self, model: LoadedModel, image: bytes) -> torch.Tensor:
+        """Runs in a decoding thread: bytes -> the uint8 model input; raises errors.ImageError."""
+        return model.preprocessor(decode_image(image, self.settings.max_pixels))
+
+    async def _run_batch(self, batch: Batch) -> None:
+        await self.workers[batch.key.model].run(batch)
+
+    def _record_depth(self, key: QueueKey, depth: int) -> None:
+        self.metrics.set_queue_depth(key.model, key.r, depth)
+
+    def _timed_out(self) -> DeadlineExceeded:
+        timeout = self.settings.request_timeout_ms
+        return DeadlineExceeded(f"no result within {timeout:g} ms (TOME_REQUEST_TIMEOUT_MS)")
+
+    def unavailable(self) -> Unavailable:
+        if self.phase is Phase.LOADING:
+            return Unavailable("the models are still loading", retry_after_s=5)
+        if self.phase is Phase.FAILED:
+            return Unavailable(f"start-up failed: {self.failure}")
+        return Unavailable("the server is shutting down", closing=True)
+
+    def models(self) -> list[LoadedModel]:
+        """The loaded models, the default first; 503 while none can be listed."""
+        if self.phase in (Phase.LOADING, Phase.FAILED):
+            raise self.unavailable()
+        return [worker.model for worker in self.workers.values()]
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -76,8 +180,7 @@ class InferenceService:
             raise
         self.workers = workers
         for model in (worker.model for worker in workers.values()):
-            info = self.metrics.model_info
-            info.labels(model.name, model.weights, str(model.device), model.dtype_name).set(1)
+            self.metrics.model_loaded(model.name, model.weights, str(model.device), model.dtype_name)
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
             log.info("ready: %s", ", ".join(f"{w.model.name} ({w.model.weights})" for w in workers.values()))
@@ -87,8 +190,7 @@ class InferenceService:
         sizes = tuple(sorted({1, self.settings.max_batch_size}))
         for name in self.settings.model_names:
             log.info("loading %s (weights: %s)", name, self.settings.weights)
-            model = self._loader(name, self.settings)
-            worker = InferenceWorker(model, self.settings.test_fail_r, self.settings.instances)
+            worker = InferenceWorker(self._loader(name, self.settings), self.metrics, self.settings.instances)
             worker.warm(sizes)
             workers[name] = worker
         return workers
@@ -103,54 +205,10 @@ class InferenceService:
         await self.batcher.drain()
         for worker in self.workers.values():
             worker.close()
-        self._prepare_pool.shutdown(wait=True)
+        self._decode_pool.shutdown(wait=True)
 
-    # -- per request -------------------------------------------------------------------------------
 
-    def model(self, name: str | None) -> LoadedModel | None:
-        """The model called ``name`` (the default model for None), or None if none is loaded so."""
-        if name is None:
-            name = self.settings.model_names[0]
-        worker = self.workers.get(name)
-        return worker.model if worker else None
-
-    async def prepare(self, model: LoadedModel, data: bytes) -> torch.Tensor:
-        """Decode and preprocess off the event loop; raises decode.ImageError for bad images."""
-
-        def work() -> torch.Tensor:
-            return model.preprocessor(decode_image(data, self.settings.max_pixels))
-
-        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, work)
-
-    async def render(self, model: LoadedModel, model_input: torch.Tensor, source: torch.Tensor) -> bytes:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_pool, merge_map_png, model, model_input, source)
-
-    def submit(self, key: Key, work: Work, deadline: float) -> Job[Work, Answer]:
-        return self.batcher.submit(key, work, deadline)
-
-    # -- batches -----------------------------------------------------------------------------------
-
-    async def _run_batch(self, key: Key, jobs: list[Job[Work, Answer]]) -> list[Answer]:
-        name, r = key
-        output = await self.workers[name].run(
-            r,
-            [job.payload.model_input for job in jobs],
-            top_k=max(job.payload.top_k for job in jobs),
-            trace_source=any(job.payload.trace_source for job in jobs),
-        )
-        self._record_batch(key, jobs, output)
-        return [Answer(item, output) for item in output.items]
-
-    def _record_batch(self, key: Key, jobs: list[Job[Work, Answer]], output: BatchOutput) -> None:
-        labels = (key[0], str(key[1]))
-        metrics = self.metrics
-        metrics.batch_size.labels(*labels).observe(len(jobs))
-        metrics.inference.labels(*labels).observe(output.seconds)
-        for job in jobs:
-            metrics.queue_wait.labels(*labels).observe((job.started_at or job.enqueued_at) - job.enqueued_at)
-        metrics.images.labels(*labels).inc(len(jobs))
-        metrics.tokens_merged.labels(*labels).inc(len(jobs) * (output.input_tokens - output.output_tokens))
-
-    def _record_depth(self, key: Key, depth: int) -> None:
-        self.metrics.queue_depth.labels(key[0], str(key[1])).set(depth)
+def _loop_time(monotonic_deadline: float) -> float:
+    """asyncio's clock for a ``time.monotonic()`` instant (the loop's clock may differ)."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())

@@ -9,7 +9,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from .errors import ApiError
+from .errors import BadRequest, ImageError
 
 MULTIPART_ALLOWANCE = 64 * 1024
 """Bytes of multipart framing (boundaries, part headers, small fields) allowed on top of the image."""
@@ -21,8 +21,8 @@ class _TooLarge(Exception):
     pass
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the upload is larger than the limit of {limit} bytes (TOME_MAX_UPLOAD_BYTES)")
+def _too_large(limit: int) -> ImageError:
+    return ImageError(413, f"the upload is larger than the limit of {limit} bytes (TOME_MAX_UPLOAD_BYTES)")
 
 
 async def read_image_bytes(request: Request, limit: int) -> bytes:
@@ -52,9 +52,9 @@ async def _from_multipart(request: Request, limit: int) -> bytes:
     try:
         part = form.get(FIELD)
         if part is None:
-            raise ApiError(422, f"the multipart body has no field {FIELD!r} (curl -F {FIELD}=@photo.jpg)")
+            raise BadRequest(f"the multipart body has no field {FIELD!r} (curl -F {FIELD}=@photo.jpg)")
         if not isinstance(part, UploadFile):
-            raise ApiError(422, f"the multipart field {FIELD!r} must be a file, not a text value")
+            raise BadRequest(f"the multipart field {FIELD!r} must be a file, not a text value")
         data = await part.read(limit + 1)
         if len(data) > limit:
             raise _too_large(limit)

@@ -1,9 +1,11 @@
 """Create a timm model with weights from the model hub, a local file, or a seeded random init.
 
 The server and ``tome-eval`` both build their models here, so a weights file means the same to
-both: safetensors, or a torch file read with ``weights_only=True``; training-checkpoint wrappers
-are unwrapped; the model family's own checkpoint filter runs (key renames, position embeddings
-resampled to the model's image size); and only classifier-head weights may be missing.
+both. Files go through timm's own checkpoint loader (``timm.models.load_checkpoint``):
+safetensors, or a torch file read with ``weights_only=True``; training-checkpoint wrappers and
+``module.``/``_orig_mod.`` prefixes are removed; the model family's checkpoint filter runs (key
+renames, position embeddings resampled to the model's image size). This module adds the checks
+and the messages: only classifier-head weights may be missing.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import load_checkpoint
 from torch import nn
 
 RANDOM_SEED = 0
 """``random`` weights are seeded, so every process that asks for them gets the same model."""
-
-_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 
 
 class WeightsError(ValueError):
@@ -62,64 +63,61 @@ def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modul
         raise WeightsError(f"cannot create {name} with {kwargs}: {error}") from error
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state_dict from a safetensors file, or a torch file that holds only tensors."""
+def load_file_into(model: nn.Module, path: Path) -> list[str]:
+    """Load ``path`` into ``model`` with timm's checkpoint loader; returns the head keys it lacked.
+
+    timm reads safetensors or a torch file (``weights_only=True``), unwraps training checkpoints
+    (EMA weights first, then ``state_dict`` or ``model``), strips ``module.`` and ``_orig_mod.``
+    prefixes (DataParallel, ``torch.compile``) and runs the model family's checkpoint filter. Any
+    gap but the classifier head is an error, as is anything that is not a plain state_dict.
+    """
     if not path.is_file():
         raise WeightsError(
             f"weights file {path} does not exist; use 'pretrained', 'random' or the path of a weights file"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):  # not a pickle of objects: just unreadable
-            raise WeightsError(f"cannot read weights from {path}: {str(error).splitlines()[0]}") from error
-        raise WeightsError(
-            f"{path} holds Python objects besides tensors, which are refused (torch.load with "
-            "weights_only=True). Save a plain state_dict, or better, a safetensors file. "
-            f"({str(error).splitlines()[0]})"
-        ) from error
-    except Exception as error:  # every reader failure means the same to the user
-        raise WeightsError(f"cannot read weights from {path}: {error}") from error
-    return _unwrap(state, path)
-
-
-def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
-    # Training checkpoints nest the weights one level down; DataParallel prefixes every key.
-    for key in _WRAPPERS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
-def load_file_into(model: nn.Module, path: Path) -> list[str]:
-    """Load ``path`` into ``model``; returns the head keys it lacked. Any other gap is an error."""
-    state = _fit_to_model(model, read_state_dict(path))
     name = model.pretrained_cfg.get("architecture", type(model).__name__)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise WeightsError(f"{path} does not fit {name}: {error}") from error
-    head = _head_prefixes(model)
-    body_missing = [key for key in missing if not key.startswith(head)]
-    if body_missing or unexpected:
-        raise WeightsError(
-            f"{path} does not fit {name}: "
-            f"missing {body_missing[:8]}, unexpected {unexpected[:8]} (is it for another model?)"
-        )
-    return list(missing)
-
-
-def _fit_to_model(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     family = sys.modules.get(type(model).__module__)
-    filter_fn = getattr(family, "checkpoint_filter_fn", None)
-    return filter_fn(state, model) if filter_fn is not None else state
+    try:
+        incompatible = load_checkpoint(
+            model,
+            str(path),
+            strict=False,
+            filter_fn=getattr(family, "checkpoint_filter_fn", None),
+            weights_only=True,
+        )
+    except RuntimeError as error:
+        raise _load_error(error, path, name) from error
+    except Exception as error:  # every other reader failure means the same to the user
+        raise WeightsError(f"cannot read weights from {path}: {_first_line(error)}") from error
+    if incompatible is None:  # a numpy (.npz) checkpoint, loaded by the model's own loader
+        return []
+    head = _head_prefixes(model)
+    body_missing = [key for key in incompatible.missing_keys if not key.startswith(head)]
+    if body_missing or incompatible.unexpected_keys:
+        raise WeightsError(
+            f"{path} does not fit {name}: missing {body_missing[:8]}, "
+            f"unexpected {incompatible.unexpected_keys[:8]} (is it for another model?)"
+        )
+    return list(incompatible.missing_keys)
+
+
+def _load_error(error: RuntimeError, path: Path, name: str) -> WeightsError:
+    cause = error.__cause__
+    if isinstance(cause, pickle.UnpicklingError):
+        if "Unsupported global" in str(cause):  # a pickle of objects, refused by weights_only=True
+            return WeightsError(
+                f"{path} holds Python objects besides tensors, which are refused (torch.load with "
+                "weights_only=True). Save a plain state_dict, or better, a safetensors file. "
+                f"({_first_line(cause)})"
+            )
+        return WeightsError(f"cannot read weights from {path}: {_first_line(cause)}")
+    if "size mismatch" in str(error) or "state_dict" in str(error):  # load_state_dict's shape check
+        return WeightsError(f"{path} does not fit {name}: {error}")
+    return WeightsError(f"cannot read weights from {path}: {_first_line(error)}")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The demo router on its own: the page, its assets, and what it must never serve."""
+"""The demo page on its own: the page, its assets (StaticFiles), and what it must never serve."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tome_serve import demo
 @pytest.fixture(scope="module")
 def client() -> TestClient:
     app = FastAPI()
-    app.include_router(demo.router)
+    demo.install(app)
     return TestClient(app)
 
 
@@ -68,6 +68,7 @@ def test_every_local_reference_is_served_with_its_type(client: TestClient) -> No
         suffix = url[url.rfind(".") :]
         assert response.headers["content-type"].startswith(expected_types[suffix]), url
         assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-cache"
 
 
 def test_nothing_is_loaded_from_another_origin(client: TestClient) -> None:

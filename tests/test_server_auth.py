@@ -45,6 +45,7 @@ def test_protected_without_the_right_key(url: str, method: str, path: str, autho
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert "API key" in response.json()["detail"]
+    assert response.json()["request_id"] == response.headers["x-request-id"]
 
 
 def test_right_key_opens_everything(url: str) -> None:

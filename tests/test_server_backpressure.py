@@ -70,6 +70,9 @@ def test_full_queue_429_then_deadline_504_without_computing(url: str) -> None:
             ]
             await wait_for_depth(url, r, 2)
             refused = await http.post("/classify", params={"r": r}, content=png())
+            # Refused before the upload is read: a body that is not an image still gets 429, not 415.
+            unread = await http.post("/classify", params={"r": r}, content=b"not an image")
+            assert unread.status_code == 429 and unread.headers["retry-after"]
             other_r = await http.post("/classify", params={"r": r + 1, "top_k": 1}, content=png())
             assert other_r.status_code == 504  # its own queue had room; it then timed out as well
             return await asyncio.gather(*queued), refused, time.monotonic() - started
@@ -86,7 +89,7 @@ def test_full_queue_429_then_deadline_504_without_computing(url: str) -> None:
     assert metric(url, "tome_images_total", model=MODEL, r=str(r)) == 0
     assert metric(url, "tome_batch_size_count", model=MODEL, r=str(r)) == 0
     assert metric(url, "tome_queue_depth", model=MODEL, r=str(r)) == 0
-    assert metric(url, "tome_requests_total", model=MODEL, r=str(r), code="429") == 1
+    assert metric(url, "tome_requests_total", model=MODEL, r=str(r), code="429") == 2
     assert metric(url, "tome_requests_total", model=MODEL, r=str(r), code="504") == 2
 
 

@@ -1,53 +1,63 @@
-"""The batching loop on its own, with a fake runner: no HTTP, no model."""
+"""The batching loop on its own, with a fake runner: no HTTP, no model. Items carry an int
+payload where the pixels would be; the runner answers ``payload * 10``."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 
-from tome_serve.batching import (
-    Batcher,
-    BatchFailedError,
-    BatchPolicy,
-    ClosedError,
-    DeadlineExceededError,
-    Job,
-    QueueFullError,
-)
+from tome_serve.batching import Batch, Batcher, BatchPlan, BatchPolicy
+from tome_serve.errors import BatchFailed, DeadlineExceeded, QueueFull, Unavailable
+from tome_serve.item import Item, QueueKey, Want
 
 FAR = 60.0  # a deadline nobody reaches
 
 
-class Recorder:
-    """A runner that records each batch (key, payloads, start time) and can be held back."""
+K = QueueKey("m", 0)
+BAD = QueueKey("m", 3)
 
-    def __init__(self, fail_on: object = None) -> None:
-        self.batches: list[tuple[object, list[int], float]] = []
+
+class Recorder:
+    """A runner that records each batch (key, payloads, start time), can be held back, and
+    resolves every item's future as the inference worker does."""
+
+    def __init__(self, fail_on: QueueKey | None = None) -> None:
+        self.batches: list[tuple[QueueKey, list[int], float]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail_on = fail_on
 
-    async def __call__(self, key: object, jobs: list[Job]) -> list[int]:
-        self.batches.append((key, [job.payload for job in jobs], time.monotonic()))
+    async def __call__(self, batch: Batch) -> None:
+        self.batches.append((batch.key, [item.pixels for item in batch.items], time.monotonic()))
         await self.gate.wait()
-        if key == self.fail_on:
+        if batch.key == self.fail_on:
             raise RuntimeError("boom")
-        return [job.payload * 10 for job in jobs]
+        for item in batch.items:
+            if item.live:
+                item.future.set_result(item.pixels * 10)
 
 
-def submit_all(batcher: Batcher, key: object, payloads: list[int], timeout: float = FAR) -> list[Job]:
-    return [batcher.submit(key, p, time.monotonic() + timeout) for p in payloads]
+def submit_all(batcher: Batcher, key: QueueKey, payloads: list[int], timeout: float = FAR) -> list[Item]:
+    items = []
+    for payload in payloads:
+        now = time.monotonic()
+        future = asyncio.get_running_loop().create_future()
+        item = Item(key.model, key.r, payload, Want(top_k=1), now, now + timeout, future)  # type: ignore[arg-type]
+        batcher.submit(item)
+        items.append(item)
+    return items
 
 
 def test_batch_closes_when_full_then_after_delay() -> None:
     async def scenario() -> tuple[Recorder, list[int], float]:
         runner = Recorder()
-        batcher = Batcher(BatchPolicy(max_batch_size=4, max_delay_s=0.3, max_queue=100), runner)
+        batcher = Batcher(BatchPolicy(max_batch_size=4, batch_wait_timeout_s=0.3, max_queue_size=100), runner)
         start = time.monotonic()
-        jobs = submit_all(batcher, "k", list(range(10)))
-        results = await asyncio.gather(*(job.future for job in jobs))
+        items = submit_all(batcher, K, list(range(10)))
+        results = await asyncio.gather(*(item.future for item in items))
         await batcher.drain()
         return runner, results, start
 
@@ -55,19 +65,19 @@ def test_batch_closes_when_full_then_after_delay() -> None:
     assert results == [p * 10 for p in range(10)]
     sizes = [len(payloads) for _, payloads, _ in runner.batches]
     assert sizes == [4, 4, 2]
-    # Full batches leave at once; the last, partial one only when its oldest job waited max_delay.
+    # Full batches leave at once; the last, partial one only when its oldest item waited max_delay.
     assert runner.batches[1][2] - start < 0.2
     assert runner.batches[2][2] - start >= 0.3 - 0.01
 
 
-def test_single_job_waits_max_delay_only() -> None:
+def test_single_item_waits_max_delay_only() -> None:
     async def scenario() -> float:
         runner = Recorder()
-        batcher = Batcher(BatchPolicy(max_batch_size=8, max_delay_s=0.05, max_queue=8), runner)
-        (job,) = submit_all(batcher, "k", [1])
-        await job.future
+        batcher = Batcher(BatchPolicy(max_batch_size=8, batch_wait_timeout_s=0.05, max_queue_size=8), runner)
+        (item,) = submit_all(batcher, K, [1])
+        await item.future
         await batcher.drain()
-        return runner.batches[0][2] - job.enqueued_at
+        return runner.batches[0][2] - item.enqueued_at
 
     waited = asyncio.run(scenario())
     assert 0.05 - 0.01 <= waited < 0.5
@@ -76,9 +86,11 @@ def test_single_job_waits_max_delay_only() -> None:
 def test_batches_never_mix_keys() -> None:
     async def scenario() -> Recorder:
         runner = Recorder()
-        batcher = Batcher(BatchPolicy(max_batch_size=3, max_delay_s=0.02, max_queue=100), runner)
-        jobs = [batcher.submit(("m", i % 3), i, time.monotonic() + FAR) for i in range(20)]
-        await asyncio.gather(*(job.future for job in jobs))
+        batcher = Batcher(
+            BatchPolicy(max_batch_size=3, batch_wait_timeout_s=0.02, max_queue_size=100), runner
+        )
+        items = [item for i in range(20) for item in submit_all(batcher, QueueKey("m", i % 3), [i])]
+        await asyncio.gather(*(item.future for item in items))
         await batcher.drain()
         return runner
 
@@ -92,38 +104,38 @@ def test_batches_never_mix_keys() -> None:
 def test_full_queue_refuses_with_retry_hint() -> None:
     async def scenario() -> None:
         runner = Recorder()
-        runner.gate.clear()  # the first batch blocks, so later jobs pile up in the queue
-        batcher = Batcher(BatchPolicy(max_batch_size=1, max_delay_s=0.0, max_queue=2), runner)
-        first = submit_all(batcher, "k", [0])
+        runner.gate.clear()  # the first batch blocks, so later items pile up in the queue
+        batcher = Batcher(BatchPolicy(max_batch_size=1, batch_wait_timeout_s=0.0, max_queue_size=2), runner)
+        first = submit_all(batcher, K, [0])
         await asyncio.sleep(0.05)
         assert len(runner.batches) == 1
-        queued = submit_all(batcher, "k", [1, 2])
-        assert batcher.depth("k") == 2
-        with pytest.raises(QueueFullError) as refused:
-            batcher.check_room("k")
+        queued = submit_all(batcher, K, [1, 2])
+        assert batcher.depth(K) == 2
+        with pytest.raises(QueueFull) as refused:
+            batcher.check_room(K)
         assert refused.value.retry_after_s >= 1.0
-        with pytest.raises(QueueFullError):
-            submit_all(batcher, "k", [3])
-        batcher.check_room("other")  # other keys have queues of their own
+        with pytest.raises(QueueFull):
+            submit_all(batcher, K, [3])
+        batcher.check_room(QueueKey("m", 1))  # other keys have queues of their own
         runner.gate.set()
-        assert await asyncio.gather(*(job.future for job in first + queued)) == [0, 10, 20]
+        assert await asyncio.gather(*(item.future for item in first + queued)) == [0, 10, 20]
         await batcher.drain()
 
     asyncio.run(scenario())
 
 
-def test_expired_job_is_failed_without_being_computed() -> None:
+def test_expired_item_is_failed_without_being_computed() -> None:
     async def scenario() -> None:
         runner = Recorder()
         runner.gate.clear()
-        batcher = Batcher(BatchPolicy(max_batch_size=1, max_delay_s=0.0, max_queue=8), runner)
-        blocker = submit_all(batcher, "k", [1])[0]
+        batcher = Batcher(BatchPolicy(max_batch_size=1, batch_wait_timeout_s=0.0, max_queue_size=8), runner)
+        blocker = submit_all(batcher, K, [1])[0]
         await asyncio.sleep(0.02)
-        late = submit_all(batcher, "k", [2], timeout=0.05)[0]
+        late = submit_all(batcher, K, [2], timeout=0.05)[0]
         await asyncio.sleep(0.1)
         runner.gate.set()
         assert await blocker.future == 10
-        with pytest.raises(DeadlineExceededError):
+        with pytest.raises(DeadlineExceeded):
             await late.future
         await batcher.drain()
         assert [payloads for _, payloads, _ in runner.batches] == [[1]]
@@ -131,15 +143,15 @@ def test_expired_job_is_failed_without_being_computed() -> None:
     asyncio.run(scenario())
 
 
-def test_withdrawn_job_leaves_the_queue() -> None:
+def test_withdrawn_item_leaves_the_queue() -> None:
     async def scenario() -> None:
         depths: list[int] = []
         runner = Recorder()
-        policy = BatchPolicy(max_batch_size=4, max_delay_s=0.1, max_queue=8)
+        policy = BatchPolicy(max_batch_size=4, batch_wait_timeout_s=0.1, max_queue_size=8)
         batcher = Batcher(policy, runner, lambda key, depth: depths.append(depth))
-        gone, kept = submit_all(batcher, "k", [1, 2])
-        batcher.withdraw("k", gone)
-        assert batcher.depth("k") == 1
+        gone, kept = submit_all(batcher, K, [1, 2])
+        batcher.withdraw(gone)
+        assert batcher.depth(K) == 1
         assert gone.future.cancelled()
         assert await kept.future == 20
         await batcher.drain()
@@ -149,37 +161,37 @@ def test_withdrawn_job_leaves_the_queue() -> None:
     asyncio.run(scenario())
 
 
-def test_failing_batch_fails_only_its_jobs_and_the_loop_goes_on() -> None:
+def test_failing_batch_fails_only_its_items_and_the_loop_goes_on() -> None:
     async def scenario() -> None:
-        runner = Recorder(fail_on="bad")
-        batcher = Batcher(BatchPolicy(max_batch_size=4, max_delay_s=0.01, max_queue=8), runner)
-        bad = submit_all(batcher, "bad", [1, 2])
-        good = submit_all(batcher, "good", [3])
-        for job in bad:
-            with pytest.raises(BatchFailedError, match="boom"):
-                await job.future
+        runner = Recorder(fail_on=BAD)
+        batcher = Batcher(BatchPolicy(max_batch_size=4, batch_wait_timeout_s=0.01, max_queue_size=8), runner)
+        bad = submit_all(batcher, BAD, [1, 2])
+        good = submit_all(batcher, K, [3])
+        for item in bad:
+            with pytest.raises(BatchFailed, match="boom"):
+                await item.future
         assert await good[0].future == 30
         runner.fail_on = None  # the failed key's loop still serves
-        again = submit_all(batcher, "bad", [4])
+        again = submit_all(batcher, BAD, [4])
         assert await again[0].future == 40
         await batcher.drain()
 
     asyncio.run(scenario())
 
 
-def test_drain_finishes_queued_jobs_and_refuses_new_ones() -> None:
+def test_drain_finishes_queued_items_and_refuses_new_ones() -> None:
     async def scenario() -> None:
         runner = Recorder()
-        batcher = Batcher(BatchPolicy(max_batch_size=8, max_delay_s=5.0, max_queue=8), runner)
-        jobs = submit_all(batcher, "k", [1, 2, 3])
+        batcher = Batcher(BatchPolicy(max_batch_size=8, batch_wait_timeout_s=5.0, max_queue_size=8), runner)
+        items = submit_all(batcher, K, [1, 2, 3])
         started = time.monotonic()
         await batcher.drain()
         assert time.monotonic() - started < 1.0  # draining does not sit out the 5 s batching delay
-        assert [job.future.result() for job in jobs] == [10, 20, 30]
-        with pytest.raises(ClosedError):
-            submit_all(batcher, "k", [4])
-        with pytest.raises(ClosedError):
-            batcher.check_room("k")
+        assert [item.future.result() for item in items] == [10, 20, 30]
+        with pytest.raises(Unavailable):
+            submit_all(batcher, K, [4])
+        with pytest.raises(Unavailable):
+            batcher.check_room(K)
 
     asyncio.run(scenario())
 
@@ -188,15 +200,43 @@ def test_batches_of_one_key_run_side_by_side_up_to_max_running() -> None:
     async def scenario() -> list[int]:
         runner = Recorder()
         runner.gate.clear()  # every batch runs until the gate opens
-        policy = BatchPolicy(max_batch_size=2, max_delay_s=0.01, max_queue=100, max_running=2)
+        policy = BatchPolicy(
+            max_batch_size=2, batch_wait_timeout_s=0.01, max_queue_size=100, max_concurrent_batches=2
+        )
         batcher = Batcher(policy, runner)
-        jobs = submit_all(batcher, "k", list(range(7)))
+        items = submit_all(batcher, K, list(range(7)))
         await asyncio.sleep(0.1)
         running = [len(payloads) for _, payloads, _ in runner.batches]
         runner.gate.set()
-        await asyncio.gather(*(job.future for job in jobs))
+        await asyncio.gather(*(item.future for item in items))
         await batcher.drain()
         return running + [len(payloads) for _, payloads, _ in runner.batches]
 
     # Two batches started while the first was still running; the third waited for a free runner.
     assert asyncio.run(scenario()) == [2, 2, 2, 2, 2, 1]
+
+
+def test_the_planner_sets_r_and_size_when_a_batch_is_formed() -> None:
+    async def scenario() -> tuple[list[tuple[int, list[int]]], list[list[int]]]:
+        runs: list[tuple[int, list[int]]] = []
+        seen: list[list[int]] = []
+
+        async def runner(batch: Batch) -> None:
+            runs.append((batch.r, [item.pixels for item in batch.items]))
+            for item in batch.items:
+                item.future.set_result(batch.r)
+
+        def plan(key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
+            seen.append([item.pixels for item in queued])
+            return BatchPlan(r=10 + len(queued), size=2)  # e.g. a shared queue whose r depends on its load
+
+        policy = BatchPolicy(max_batch_size=3, batch_wait_timeout_s=0.05, max_queue_size=8)
+        batcher = Batcher(policy, runner, plan=plan)
+        items = submit_all(batcher, QueueKey("m", -1), [1, 2, 3, 4, 5])
+        assert await asyncio.gather(*(item.future for item in items)) == [15, 15, 13, 13, 11]
+        await batcher.drain()
+        return runs, seen
+
+    runs, seen = asyncio.run(scenario())
+    assert runs == [(15, [1, 2]), (13, [3, 4]), (11, [5])]
+    assert seen == [[1, 2, 3, 4, 5], [3, 4, 5], [5]]

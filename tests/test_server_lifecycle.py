@@ -1,27 +1,33 @@
-"""Start-up and shutdown: readiness while loading and draining, failing fast without weights,
-and a SIGTERM that finishes the queued requests before the process exits."""
+"""Start-up, failure and shutdown: readiness while loading and draining, a failing batch, the
+command line, refusing a busy port and impossible settings, failing fast without weights, and a
+SIGTERM that finishes the queued requests before the process exits."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from serverutil import REPO_ROOT, TINY_MODEL_KWARGS, server_env, start_server
+from serverutil import REPO_ROOT, TINY_MODEL_KWARGS, free_port, server_env, start_server
 
+import tome
 from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.loading import load_model
 from tome_serve.models import LoadedModel
 
 MODEL = "vit_tiny_patch16_224"
+TOKENS, DEPTH = 65, 4
 
 
 def png() -> bytes:
@@ -64,6 +70,106 @@ def test_readyz_is_503_until_loaded_and_while_draining() -> None:
     assert not fatal
 
 
+FAIL_R = 3
+
+
+def failing_at_r(r: int):
+    """A loader whose model raises inside its forward pass at ``r`` (and only there)."""
+    tokens_out = tome.token_counts(TOKENS, DEPTH, r)[-1]
+    assert all(tome.token_counts(TOKENS, DEPTH, other)[-1] != tokens_out for other in range(33) if other != r)
+
+    def fail(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if output.shape[1] == tokens_out:
+            raise RuntimeError(f"simulated failure at r={r}")
+
+    def loader(name: str, settings: Settings) -> LoadedModel:
+        loaded = load_model(name, settings)
+        loaded.module.blocks[-1].register_forward_hook(fail)
+        return loaded
+
+    return loader
+
+
+def test_failing_batch_answers_500_with_request_id_and_server_keeps_serving(caplog) -> None:
+    settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+    with TestClient(create_app(settings, loader=failing_at_r(FAIL_R))) as client:
+        wait_ready(client)
+        response = client.post(
+            "/classify", params={"r": FAIL_R}, content=png(), headers={"x-request-id": "r-42"}
+        )
+        assert response.status_code == 500
+        body = response.json()
+        assert body["request_id"] == "r-42" == response.headers["x-request-id"]
+        assert "inference failed" in body["detail"] and "simulated failure" in body["detail"]
+        assert "r-42" in body["detail"]
+        assert any("r-42" in record.getMessage() for record in caplog.records if record.levelname == "ERROR")
+        visualized = client.post("/visualize", params={"r": FAIL_R}, content=png())
+        assert (
+            visualized.status_code == 500 and visualized.json()["request_id"] in visualized.json()["detail"]
+        )
+        assert client.post("/classify", params={"r": FAIL_R + 1}, content=png()).status_code == 200
+        assert client.post("/classify", params={"r": FAIL_R}, content=png()).status_code == 500
+        assert client.get("/readyz").status_code == 200
+        metrics = client.get("/metrics").text
+        assert (
+            f'tome_requests_total{{code="500",endpoint="classify",model="{MODEL}",r="{FAIL_R}"}} 2.0'
+            in metrics
+        )
+
+
+def test_every_setting_is_a_flag_and_the_command_line_wins(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TOME_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("TOME_DEFAULT_R", "5")
+    settings = Settings(
+        _cli_parse_args=["--max-batch-size", "3", "--access-log", "--model-kwargs", '{"a": 1}']
+    )
+    assert (settings.max_batch_size, settings.default_r, settings.access_log) == (3, 5, True)
+    assert settings.model_kwargs == {"a": 1}
+    with pytest.raises(SystemExit) as exit_:
+        Settings(_cli_parse_args=["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, field in Settings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert field.description and " ".join(field.description.split()) in text, name
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tome_serve", *args],
+        cwd=REPO_ROOT,
+        env=env or server_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_busy_port_is_refused_before_loading_models() -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = run_cli("--port", str(port))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert f"127.0.0.1:{port}" in result.stderr and "--port or TOME_PORT" in result.stderr
+    assert "loading" not in result.stderr  # refused before any model was loaded
+
+
+def test_impossible_r_settings_are_refused_or_reported() -> None:
+    result = run_cli("--default-r", "20", "--max-r", "10")
+    assert result.returncode == 2 and "above --max-r" in result.stderr
+    loaded = load_model(
+        MODEL,
+        Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, default_r=999, max_r=999),
+    )
+    assert (loaded.r_max, loaded.default_r) == (32, 32)
+    assert any("TOME_MAX_R is 999" in note for note in loaded.notes)
+    assert any("TOME_DEFAULT_R is 999" in note for note in loaded.notes)
+
+
 def test_backbone_without_classifier_serves_visualize_only() -> None:
     kwargs = {**TINY_MODEL_KWARGS, "num_classes": 0}
     app = create_app(Settings(model=MODEL, weights="random", model_kwargs=kwargs, device="cpu"))
@@ -90,45 +196,26 @@ def test_missing_pretrained_weights_fail_fast_with_advice(tmp_path) -> None:
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(proxy, None)
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "tome_serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli(env=env)
     assert result.returncode == 1, result.stderr[-3000:]
     assert time.monotonic() - started < 60
-    assert "could not obtain pretrained weights" in result.stderr
+    assert result.stderr.count("could not obtain pretrained weights") == 1  # said once
+    assert "Uvicorn running" not in result.stderr  # and nothing claims the server runs
     assert "--weights random" in result.stderr and "TOME_WEIGHTS" in result.stderr
 
 
 def test_unsupported_model_fails_start_up() -> None:
-    env = server_env({"TOME_MODEL": "resnet18", "TOME_MODEL_KWARGS": "{}"})
-    result = subprocess.run(
-        [sys.executable, "-m", "tome_serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli(env=server_env({"TOME_MODEL": "resnet18", "TOME_MODEL_KWARGS": "{}"}))
     assert result.returncode == 1
     assert "cannot be served with token merging" in result.stderr
 
 
 def test_invalid_settings_are_reported() -> None:
     env = {**os.environ, "TOME_MAX_BATCH_SIZE": "0", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tome_serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(env=env, timeout=60)
     assert result.returncode == 2 and "max_batch_size" in result.stderr
+    result = run_cli("--port", "not-a-port", timeout=60)
+    assert result.returncode == 2 and "port" in result.stderr
 
 
 def test_sigterm_finishes_queued_requests_then_exits() -> None:

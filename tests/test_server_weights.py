@@ -32,6 +32,19 @@ def test_training_checkpoint_wrappers_and_prefixes_are_unwrapped(tmp_path):
     assert _same(built.model, source)
 
 
+def test_compiled_model_checkpoint_loads(tmp_path):
+    # torch.compile wraps the model; its state_dict keys start with "_orig_mod." (also inside DDP).
+    source = create(NAME, "random", KWARGS, seed=4).model
+    state = {f"_orig_mod.{k}": v for k, v in source.state_dict().items()}
+    save_file(state, tmp_path / "compiled.safetensors")
+    torch.save(
+        {"model": {f"_orig_mod.module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "c.pth"
+    )
+    for path in (tmp_path / "compiled.safetensors", tmp_path / "c.pth"):
+        built = create(NAME, str(path), KWARGS)
+        assert built.missing_head == [] and _same(built.model, source)
+
+
 def test_a_backbone_file_loads_and_reports_the_missing_head(tmp_path):
     source = create(NAME, "random", KWARGS, seed=3).model
     save_file(
