@@ -22,17 +22,79 @@ log = logging.getLogger(__name__)
 BACKGROUND = (255, 255, 255)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an upright RGB image of at most ``max_pixels`` pixels."""
+def decode_image(data: bytes, max_pixels: int, reduce_to: int | None = None) -> Image.Image:
+    """Decode ``data`` into an upright RGB image of at most ``max_pixels`` pixels.
+
+    With ``reduce_to``, a JPEG whose shorter side is at least twice that long is decoded at 1/2, 1/4
+    or 1/8 scale (libjpeg's DCT scaling: far less work and memory than decoding every pixel), never
+    below twice ``reduce_to`` on the shorter side, so that the resize that follows still filters
+    most of the reduction itself. The limit on pixels applies to the size the file declares."""
     if not data:
         raise ImageError(422, "the image is empty (0 bytes)")
     image = _open(data, max_pixels)
+    if reduce_to and image.format == "JPEG":
+        _draft(image, DRAFT_GAP * reduce_to)
     try:
         image.load()
     except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError...) on bad data
         raise ImageError(422, f"the {image.format or 'image'} data is truncated or corrupt ({exc})") from exc
+    drafted_from = image.info.get(DRAFTED_FROM)
+    orientation = image.getexif().get(ORIENTATION, 1) if drafted_from else 1
     image = _upright(image)
+    if drafted_from:
+        image.info[DRAFTED_FROM] = _displayed(drafted_from, orientation)
     return to_rgb(image)
+
+
+DRAFT_GAP = 2
+"""Reduced-scale JPEG decoding keeps the shorter side at least this many times the size asked for."""
+
+
+DRAFTED_FROM = "tome_drafted_from"
+"""``image.info`` key set on an image decoded at 1/scale size: (width, height, scale, x offset,
+y offset) of the full-size upright image (see ``_displayed``). A drafted side is
+``ceil(side / scale)`` pixels, so one row or column stands for a partial block; resizing maps
+positions through the full size to keep the geometry of a full decode."""
+
+
+def _draft(image: Image.Image, short_side: int) -> None:
+    width, height = image.size
+    shorter = min(width, height)
+    if shorter < 2 * short_side:
+        return  # no scale of 1/2 or less keeps the shorter side long enough
+    factor = shorter / short_side  # draft keeps both sides at least this size
+    try:
+        drafted = image.draft(image.mode, (int(width / factor), int(height / factor)))
+    except Exception as exc:  # an odd JPEG: decode it at full size, as without the option
+        log.info("reduced-scale JPEG decoding unavailable: %s", exc)
+        return
+    if drafted is not None and image.size != (width, height):
+        image.info[DRAFTED_FROM] = (width, height, round(width / drafted[1][2]), 0, 0)
+
+
+def _displayed(drafted_from: tuple[int, ...], orientation: int) -> tuple[int, ...]:
+    """``DRAFTED_FROM`` of the file's pixels -> of the upright image: (width, height, scale, x offset,
+    y offset). A side of ``n`` pixels drafts to ``ceil(n / scale)`` pixels whose last one stands for
+    a partial block; where the EXIF turn moves that block to the start of an axis, the upright
+    image's pixel ``i`` starts at ``i * scale - offset`` of the full-size upright image."""
+    width, height, scale = drafted_from[:3]
+    pad_x, pad_y = -width % scale, -height % scale
+    offsets = {  # which of the file's padded ends comes first on each upright axis
+        2: (pad_x, 0),
+        3: (pad_x, pad_y),
+        4: (0, pad_y),
+        5: (0, 0),
+        6: (pad_y, 0),
+        7: (pad_y, pad_x),
+        8: (0, pad_x),
+    }
+    off_x, off_y = offsets.get(orientation, (0, 0))
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return (width, height, scale, off_x, off_y)
+
+
+ORIENTATION = 0x0112
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
