@@ -11,9 +11,13 @@
    that sheds answers the excess with 429 and keeps the latency of what it accepts bounded.
 5. Direct again (drift check), then results to ``--out`` (JSON) and the same name with .csv.
 
-Targets (issue 3): saturation throughput >= 90% of direct; under overload a share of 429s and no
-latency growth from the first to the last third of the phase. Clients run in this process, on the
-same machine as the server, and their CPU time counts against the server's: say so with figures.
+Targets (issue 11): saturation throughput >= 90% of direct; under overload every request answered
+(200, or 429 with Retry-After) and no latency growth from the first to the last third of the phase.
+Clients run in this process, on the same machine as the server, and their CPU time counts against
+the server's, so each phase also reports, over its measured window (from /proc): the server
+process's CPU ms per answered image (with its child processes) beside the direct model's CPU ms per
+image, the cores used by the server and by the load generator, and how busy the machine was.
+Percentiles are nearest-rank (``tome_bench.stats.percentile``, the same as loadtest/).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -44,6 +49,7 @@ import tome
 from tome_serve.config import Settings
 from tome_serve.loading import load_model
 
+from .stats import CpuMeter, percentile
 from .timing import interleaved_seconds
 
 
@@ -65,6 +71,9 @@ class PhaseResult:
     p95_last_third_ms: float | None = None
     mean_batch_size: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """Over the measured window: cores used by the server and the load generator, their shares of
+    the machine, the machine's busy and idle shares, and CPU ms per answered image."""
 
 
 @dataclass
@@ -73,11 +82,12 @@ class Outcome:
     latency_s: float
     status: int
     r: int | None = None
-    """The r the server used (X-Tome-R, or the JSON answer's "r"), where the open loop read it."""
+    """The r the server used (X-Tome-R, or the JSON answer's "r")."""
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)) * 1000, 2) if values else None
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (tome_bench.stats, shared with loadtest/) of seconds, in ms."""
+    return round(percentile(values, q) * 1000, 2) if values else None
 
 
 def summarize(name: str, outcomes: list[Outcome], seconds: float, offered: float | None) -> PhaseResult:
@@ -98,54 +108,104 @@ def summarize(name: str, outcomes: list[Outcome], seconds: float, offered: float
         timed_out_504=sum(o.status == 504 for o in outcomes),
         other_errors=sum(errors.values()),
         throughput_ips=round(len(ok) / seconds, 2),
-        p50_ms=percentile(latencies, 50),
-        p95_ms=percentile(latencies, 95),
-        p99_ms=percentile(latencies, 99),
-        p95_first_third_ms=percentile([o.latency_s for o in ok[:third]], 95) if third else None,
-        p95_last_third_ms=percentile([o.latency_s for o in ok[-third:]], 95) if third else None,
+        p50_ms=percentile_ms(latencies, 50),
+        p95_ms=percentile_ms(latencies, 95),
+        p99_ms=percentile_ms(latencies, 99),
+        p95_first_third_ms=percentile_ms([o.latency_s for o in ok[:third]], 95) if third else None,
+        p95_last_third_ms=percentile_ms([o.latency_s for o in ok[-third:]], 95) if third else None,
         errors=errors,
     )
 
 
-class Connection:
-    """A minimal keep-alive HTTP/1.1 client for one connection.
+class PhaseMeter(CpuMeter):
+    """CPU use over a load phase's measured window, and every request finished during the phase."""
 
-    The load generator shares the server's two cores, so it must be cheap: httpx spent about 8 ms
-    of CPU per request here, this spends a small fraction of that.
+    def __init__(self, server_pid: int | None) -> None:
+        super().__init__(server_pid)
+        self.window = (0.0, 0.0)
+        self.completed: list[tuple[float, int]] = []
+        """(monotonic time, status) of every finished request, warm-up included."""
+
+
+class Client:
+    """The load generator's HTTP client: aiohttp with a keep-alive connection pool.
+
+    The clients share the machine with the server, so their CPU counts against it. Measured on the
+    AMD EPYC 2-vCPU machine (16 concurrent keep-alive connections, 15 kB POSTs to a trivial uvicorn
+    app; notes/speed.md of issue 11): aiohttp 3.14 used 0.10 ms of CPU per request, httpx 0.28
+    1.4 ms, a hand-written raw HTTP/1.1 client 0.03 ms. Each phase reports the client's measured
+    share of the machine beside the server's.
     """
 
-    def __init__(self, host: str, port: int, request: bytes) -> None:
-        self._address, self._request = (host, port), request
-        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self.last_head = self.last_body = b""
-        """Status line and headers, and body, of the last response."""
+    multipart = False
+    """Post the image as multipart field ``file`` (LitServe reads forms only) instead of a raw body."""
 
-    async def send(self) -> int:
-        if self._streams is None:
-            self._streams = await asyncio.open_connection(*self._address)
-        reader, writer = self._streams
+    def __init__(
+        self,
+        url: str,
+        payload: bytes,
+        r: int | str,
+        headers: dict[str, str],
+        connections: int,
+        params: str = "",
+        completed: list[tuple[float, int]] | None = None,
+    ) -> None:
+        self._url = f"{url.rstrip('/')}/classify?r={r}&top_k=1{params}"
+        self._payload = payload
+        self._headers = headers if self.multipart else {"Content-Type": "image/jpeg", **headers}
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+        self.completed = completed if completed is not None else []
+
+    async def __aenter__(self) -> Client:
+        connector = aiohttp.TCPConnector(limit=self._connections)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(self) -> tuple[int, int | None]:
+        """One POST: its HTTP status (-1 when the connection failed: reset, closed, refused) and the
+        r the server used."""
+        assert self._session is not None
+        data: bytes | aiohttp.FormData = self._payload
+        if self.multipart:
+            data = aiohttp.FormData()
+            data.add_field("file", self._payload, filename="image.jpg", content_type="image/jpeg")
+        used_r = None
         try:
-            writer.write(self._request)
-            head = self.last_head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            self.last_body = await reader.readexactly(int(length.group(1)) if length else 0)
-            if re.search(rb"(?im)^connection:\s*close", head):
-                self.close()
-            return int(head.split(b" ", 2)[1])
-        except (OSError, asyncio.IncompleteReadError):
-            self.close()
-            return -1
+            async with self._session.post(self._url, data=data, headers=self._headers) as response:
+                body = await response.read()
+                status = response.status
+                used_r = _used_r(status, response.headers.get("x-tome-r"), body)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            status = -1
+        self.completed.append((time.monotonic(), status))
+        return status, used_r
 
-    def close(self) -> None:
-        if self._streams is not None:
-            self._streams[1].close()
-            self._streams = None
+
+def _used_r(status: int, header: str | None, body: bytes) -> int | None:
+    if header is not None and header.strip().isdigit():
+        return int(header)
+    if status != 200 or not body.startswith(b"{"):
+        return None
+    r = json.loads(body).get("r")
+    return r if isinstance(r, int) else None
+
+
+def answer_r(head: bytes, body: bytes) -> int | None:
+    """The r the server used, from a raw response: its X-Tome-R header, or the "r" of a JSON answer."""
+    found = re.search(rb"(?im)^x-tome-r:\s*(\d+)", head)
+    status = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    return _used_r(int(status.group(1)) if status else 0, found.group(1).decode() if found else None, body)
 
 
 def classify_request(
     url: str, payload: bytes, r: int | str, headers: dict[str, str], params: str = ""
 ) -> tuple[str, int, bytes]:
-    """One raw request, sent as is many times; ``params`` are more query parameters ("&name=value")."""
+    """One raw HTTP/1.1 request (host, port, bytes); ``params`` are more query parameters ("&name=value")."""
     parts = urlsplit(url)
     lines = [
         f"POST /classify?r={r}&top_k=1{params} HTTP/1.1",
@@ -161,33 +221,6 @@ def classify_request(
     )
 
 
-async def post(connection: Connection, sink: list[Outcome], window: tuple[float, float]) -> None:
-    sent = time.monotonic()
-    status = await connection.send()
-    done = time.monotonic()
-    if window[0] <= sent and done <= window[1]:
-        sink.append(Outcome(sent, done - sent, status))
-
-
-async def closed_loop(
-    url: str, payload: bytes, r: int, clients: int, warmup: float, seconds: float, headers: dict[str, str]
-) -> list[Outcome]:
-    """``clients`` workers, each sending its next request as soon as the last is answered."""
-    outcomes: list[Outcome] = []
-    start = time.monotonic()
-    window = (start + warmup, start + warmup + seconds)
-    host, port, request = classify_request(url, payload, r, headers)
-
-    async def worker() -> None:
-        connection = Connection(host, port, request)
-        while time.monotonic() < window[1]:
-            await post(connection, outcomes, window)
-        connection.close()
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return outcomes
-
-
 def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> list[float]:
     """Arrival offsets in [0, seconds) of a Poisson process at ``rate`` per second (the first at 0),
     seeded so every run and every variant of a comparison sees the same arrivals."""
@@ -199,15 +232,45 @@ def poisson_schedule(rate: float, seconds: float, seed: int = 0) -> list[float]:
     return offsets
 
 
-def answer_r(head: bytes, body: bytes) -> int | None:
-    """The r the server used: its X-Tome-R header, or the "r" of a JSON answer (/classify)."""
-    found = re.search(rb"(?im)^x-tome-r:\s*(\d+)", head)
-    if found:
-        return int(found.group(1))
-    if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"{"):
-        return None
-    r = json.loads(body).get("r")
-    return r if isinstance(r, int) else None
+async def metered(meter: PhaseMeter | None, window: tuple[float, float]) -> None:
+    """Start ``meter`` at the window's start and stop it at its end."""
+    if meter is None:
+        return
+    meter.window = window
+    await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
+    meter.__enter__()
+    await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
+    meter.__exit__(None, None, None)
+
+
+async def closed_loop(
+    url: str,
+    payload: bytes,
+    r: int | str,
+    clients: int,
+    warmup: float,
+    seconds: float,
+    headers: dict[str, str],
+    params: str = "",
+    meter: PhaseMeter | None = None,
+) -> list[Outcome]:
+    """``clients`` workers, each sending its next request as soon as the last is answered."""
+    outcomes: list[Outcome] = []
+    start = time.monotonic()
+    window = (start + warmup, start + warmup + seconds)
+    completed = meter.completed if meter is not None else None
+    async with Client(url, payload, r, headers, clients, params, completed) as client:
+
+        async def worker() -> None:
+            while time.monotonic() < window[1]:
+                sent = time.monotonic()
+                status, used_r = await client.send()
+                done = time.monotonic()
+                if window[0] <= sent and done <= window[1]:
+                    outcomes.append(Outcome(sent, done - sent, status, used_r))
+
+        await asyncio.gather(metered(meter, window), *(worker() for _ in range(clients)))
+    return outcomes
 
 
 async def open_loop(
@@ -219,35 +282,44 @@ async def open_loop(
     seconds: float,
     headers: dict[str, str],
     params: str = "",
+    meter: PhaseMeter | None = None,
 ) -> list[Outcome]:
-    """Requests arrive at ``rate`` per second whatever the server does (Poisson arrivals)."""
+    """Requests arrive at ``rate`` per second whatever the server does (seeded Poisson arrivals)."""
     outcomes: list[Outcome] = []
     start = time.monotonic()
     window = (start + warmup, start + warmup + seconds)
-    host, port, request = classify_request(url, payload, r, headers, params)
+    completed = meter.completed if meter is not None else None
     # At most 256 connections, so the client cannot drown itself; an arrival that finds every
-    # connection busy waits in the client, and that wait counts in its latency.
-    idle: asyncio.Queue[Connection] = asyncio.Queue()
-    for _ in range(256):
-        idle.put_nowait(Connection(host, port, request))
+    # connection busy waits in the client's pool, and that wait counts in its latency.
+    async with Client(url, payload, r, headers, 256, params, completed) as client:
 
-    async def arrival() -> None:
-        sent = time.monotonic()
-        connection = await idle.get()
-        status = await connection.send()
-        used_r = answer_r(connection.last_head, connection.last_body)
-        idle.put_nowait(connection)
-        if window[0] <= sent:
-            outcomes.append(Outcome(sent, time.monotonic() - sent, status, used_r))
+        async def arrival() -> None:
+            sent = time.monotonic()
+            status, used_r = await client.send()
+            if window[0] <= sent:
+                outcomes.append(Outcome(sent, time.monotonic() - sent, status, used_r))
 
-    tasks = []
-    for offset in poisson_schedule(rate, warmup + seconds):
-        await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
-        tasks.append(asyncio.create_task(arrival()))
-    await asyncio.gather(*tasks)
-    while not idle.empty():
-        idle.get_nowait().close()
+        tasks = [asyncio.create_task(metered(meter, window))]
+        for offset in poisson_schedule(rate, warmup + seconds):
+            await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
+            tasks.append(asyncio.create_task(arrival()))
+        await asyncio.gather(*tasks)
     return [o for o in outcomes if o.sent_at <= window[1]]
+
+
+def cpu_report(meter: PhaseMeter) -> dict:
+    """The phase's CPU figures; per image over the 200 answers that completed inside the window."""
+    sample = meter.sample
+    if sample is None:
+        return {}
+    start, end = meter.window
+    finished = [status for at, status in meter.completed if start <= at <= end]
+    images = sum(status == 200 for status in finished)
+    report: dict[str, float] = sample.shares(os.cpu_count() or 1)
+    report["answered_in_window"] = images
+    report["server_cpu_ms_per_image"] = round(1000 * sample.server_s / max(images, 1), 2)
+    report["load_generator_cpu_ms_per_request"] = round(1000 * sample.client_s / max(len(finished), 1), 3)
+    return report
 
 
 def direct_throughput(
@@ -258,19 +330,30 @@ def direct_throughput(
     pixels = torch.stack([loaded.preprocessor(image)] * batch_size).to(loaded.device)
     batch = loaded.preprocessor.normalize(pixels, loaded.dtype)  # ready input: the model's time alone
 
+    calls = 0
+
     def forward() -> None:
+        nonlocal calls
+        calls += 1
         with tome.merging(r=r):
             loaded.module(batch)
 
     probe = interleaved_seconds({"direct": forward}, rounds=2, warmup=2, device=loaded.device)["direct"]
     rounds = max(5, int(seconds / max(probe, 1e-4)))
-    per_batch = interleaved_seconds({"direct": forward}, rounds=rounds, warmup=1, device=loaded.device)[
-        "direct"
-    ]
+    calls = 0
+    with CpuMeter(None) as meter:  # this process alone: the model's own CPU per image
+        per_batch = interleaved_seconds({"direct": forward}, rounds=rounds, warmup=1, device=loaded.device)[
+            "direct"
+        ]
+    sample = meter.sample
+    assert sample is not None
     return {
         "batch_seconds": round(per_batch, 5),
         "throughput_ips": round(batch_size / per_batch, 2),
         "rounds": rounds,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_ms_per_image": round(1000 * sample.client_s / max(calls * batch_size, 1), 2),
+        "machine_busy_share": sample.shares(os.cpu_count() or 1)["machine_busy_share"],
     }
 
 
@@ -335,17 +418,19 @@ def batch_totals(url: str, model: str, r: int, headers: dict[str, str]) -> tuple
 def run_phase(
     name: str,
     load,
+    meter: PhaseMeter,
     args: argparse.Namespace,
     url: str,
     model: str,
     headers: dict[str, str],
     offered: float | None,
 ) -> PhaseResult:
-    """Run one load coroutine; summarise it with the server's mean batch size over the phase."""
+    """Run one load coroutine; summarise it with the server's mean batch size and the CPU figures."""
     sum_before, count_before = batch_totals(url, model, args.r, headers)
     outcomes = asyncio.run(load)
     sum_after, count_after = batch_totals(url, model, args.r, headers)
     result = summarize(name, outcomes, args.duration, offered)
+    result.cpu = cpu_report(meter)
     if count_after > count_before:
         result.mean_batch_size = round((sum_after - sum_before) / (count_after - count_before), 2)
     print(f"{name}: {asdict(result)}", flush=True)
@@ -371,7 +456,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default="random", help="as the server's --weights")
     parser.add_argument("--model-kwargs", default="{}", help="JSON, as the server's --model-kwargs")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="the server's TOME_DTYPE and the direct model's dtype (auto: as the server resolves it)",
+    )
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument(
         "--batch-size", type=int, default=8, help="server TOME_MAX_BATCH_SIZE and direct batch"
@@ -397,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", default=None, help="image to send (default: synthetic)")
     parser.add_argument("--image-size", type=int, default=320, help="side of the synthetic image")
     parser.add_argument("--url", default=None, help="use this running server instead of starting one")
+    parser.add_argument(
+        "--server-pid", type=int, default=None, help="with --url: the server's process, for its CPU figures"
+    )
     parser.add_argument("--out", default="artifacts/serve_bench.json")
     return parser.parse_args(argv)
 
@@ -422,11 +515,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server {url}: {model} ({info['weights']}), r={args.r}, batch {args.batch_size}", flush=True)
         direct_before = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
         print(f"direct (before): {direct_before}", flush=True)
-        saturated = closed_loop(url, payload, args.r, concurrency, args.warmup, args.duration, headers)
-        saturation = run_phase("saturation", saturated, args, url, model, headers, None)
+        server_pid = process.pid if process is not None else args.server_pid
+        meter = PhaseMeter(server_pid)
+        saturated = closed_loop(
+            url, payload, args.r, concurrency, args.warmup, args.duration, headers, meter=meter
+        )
+        saturation = run_phase("saturation", saturated, meter, args, url, model, headers, None)
         rate = args.overload * max(saturation.throughput_ips, 1.0)
-        overloaded = open_loop(url, payload, args.r, rate, args.warmup, args.duration, headers)
-        overload = run_phase("overload", overloaded, args, url, model, headers, rate)
+        meter = PhaseMeter(server_pid)
+        overloaded = open_loop(url, payload, args.r, rate, args.warmup, args.duration, headers, meter=meter)
+        overload = run_phase("overload", overloaded, meter, args, url, model, headers, rate)
         direct_after = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
         print(f"direct (after): {direct_after}", flush=True)
     finally:
@@ -459,6 +557,7 @@ def report(
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "cpu_model": _cpu_model(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "config": {
@@ -475,8 +574,29 @@ def report(
             "overload_shed_share": round(overload.shed_429 / max(overload.sent, 1), 3),
             "overload_p95_growth": None if growth is None else round(growth, 2),
             "sheds_instead_of_queueing": overload.shed_429 > 0 and (growth is None or growth < 1.5),
+            "overload_without_http_answer": overload.errors.get("-1", 0),
+            "server_cpu_per_image_over_direct": _cpu_ratio(saturation, direct_before, direct_after),
+            "saturation_machine_busy_share": saturation.cpu.get("machine_busy_share"),
+            "saturation_load_generator_share": saturation.cpu.get("load_generator_share"),
         },
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _cpu_ratio(saturation: PhaseResult, *directs: dict) -> float | None:
+    server = saturation.cpu.get("server_cpu_ms_per_image")
+    direct = [d["cpu_ms_per_image"] for d in directs if d.get("cpu_ms_per_image")]
+    return round(server / (sum(direct) / len(direct)), 3) if server and direct else None
 
 
 def write(out: Path, result: dict, phases: list[PhaseResult]) -> None:
@@ -496,12 +616,25 @@ def write(out: Path, result: dict, phases: list[PhaseResult]) -> None:
         "offered_rps",
         "mean_batch_size",
     ]
+    cpu_columns = [
+        "server_cpu_ms_per_image",
+        "server_cores",
+        "load_generator_cores",
+        "machine_busy_share",
+        "load_generator_cpu_ms_per_request",
+    ]
     with out.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*columns, "direct_ips"])
+        writer.writerow([*columns, *cpu_columns, "direct_ips"])
         for phase in phases:
             row = asdict(phase)
-            writer.writerow([*(row[c] for c in columns), result["direct"]["mean_throughput_ips"]])
+            writer.writerow(
+                [
+                    *(row[c] for c in columns),
+                    *(phase.cpu.get(c) for c in cpu_columns),
+                    result["direct"]["mean_throughput_ips"],
+                ]
+            )
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 
 

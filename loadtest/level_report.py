@@ -14,6 +14,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tome_bench.stats import percentile  # the one percentile definition (nearest rank), shared with bench/
+
+__all__ = ["ANSWERED", "FAILED", "SHED", "LevelRecorder", "LevelRow", "percentile"]
+
 ANSWERED, SHED, FAILED = "answered", "shed", "failed"
 
 MIN_LEVEL_SECONDS = 3.0
@@ -41,14 +45,6 @@ class LevelRow:
     p99_ms: float
     shed_share: float
     failures: int
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list; NaN when it is empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 class LevelRecorder:
