@@ -1,0 +1,69 @@
+"""``--dtype auto``: bfloat16 only where the hardware computes it natively."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tome_serve.hardware import auto_dtype, cpu_bf16_reason, cpu_flags, resolve_dtype
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+SKYLAKE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+GRAVITON2 = "processor\t: 0\nFeatures\t: fp asimd atomics\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "dtype", "flag"),
+    [
+        (ZEN4, torch.bfloat16, "avx512_bf16"),
+        (SAPPHIRE, torch.bfloat16, "amx_bf16"),
+        (SKYLAKE, torch.float32, None),
+        (GRAVITON3, torch.bfloat16, "bf16"),
+        (GRAVITON2, torch.float32, None),
+        ("", torch.float32, None),
+    ],
+)
+def test_cpu_choice_follows_the_flags(cpuinfo: str, dtype: torch.dtype, flag: str | None) -> None:
+    choice = auto_dtype("cpu", cpuinfo=cpuinfo)
+    assert choice.dtype == dtype
+    if flag is not None:
+        assert flag in choice.reason
+    else:
+        assert "no native bfloat16" in choice.reason
+
+
+def test_flags_are_those_of_the_first_processor() -> None:
+    assert cpu_flags(SKYLAKE + "\n" + SAPPHIRE) == {"avx2", "avx512f", "avx512bw", "avx512_vnni"}
+    assert cpu_bf16_reason({"avx512f"}) is None
+
+
+def test_this_machine_agrees_with_its_cpuinfo() -> None:
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = cpu_flags()
+    native = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    assert (auto_dtype("cpu").dtype == torch.bfloat16) == native
+
+
+def test_cuda_needs_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 0))
+    assert auto_dtype("cuda").dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))  # T4: emulated only
+    assert auto_dtype("cuda").dtype == torch.float32
+
+
+def test_explicit_choices_pass_through() -> None:
+    assert resolve_dtype("float32", "cpu").dtype == torch.float32
+    assert resolve_dtype("bfloat16", "cpu").reason == "set explicitly"
+    assert resolve_dtype("auto", "cpu").dtype in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", "cpu")
+    assert auto_dtype("meta").dtype == torch.float32
