@@ -406,7 +406,10 @@ def batch_totals(url: str, model: str, r: int, headers: dict[str, str]) -> tuple
     from prometheus_client.parser import text_string_to_metric_families
 
     totals = {"tome_batch_size_sum": 0.0, "tome_batch_size_count": 0.0}
-    text = httpx.get(f"{url}/metrics", headers=headers).text
+    response = httpx.get(f"{url}/metrics", headers=headers)
+    if response.status_code != 200:  # a peer server without our metrics
+        return 0.0, 0.0
+    text = response.text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -490,6 +493,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--server-pid", type=int, default=None, help="with --url: the server's process, for its CPU figures"
     )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="--url is a peer (bench/litserve_peer.py): no /models or /metrics",
+    )
+    parser.add_argument("--multipart", action="store_true", help="post the image as multipart field 'file'")
     parser.add_argument("--out", default="artifacts/serve_bench.json")
     return parser.parse_args(argv)
 
@@ -509,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     image, payload = test_image(args.image, args.image_size)
     process, url = (None, args.url) if args.url else start_server(args)
+    Client.multipart = args.multipart
     try:
-        info = httpx.get(f"{url}/models", headers=headers).json()["models"][0]
+        if args.peer:
+            info = {"name": args.model, "weights": args.weights, "peer": True}
+        else:
+            info = httpx.get(f"{url}/models", headers=headers).json()["models"][0]
         model = info["name"]
         print(f"server {url}: {model} ({info['weights']}), r={args.r}, batch {args.batch_size}", flush=True)
         direct_before = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
