@@ -128,4 +128,9 @@ def test_preprocessing_matches_the_models_own_transform() -> None:
     pixels = loaded.preprocessor(image)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
     timm_transform = create_transform(**loaded.preprocessor.data_config, is_training=False)
-    torch.testing.assert_close(loaded.preprocessor.model_input(image)[0], timm_transform(image))
+    # Resize and crop run as one resampling of the cropped region: at most one uint8 level apart from
+    # timm's resize-then-crop on this image (tests/test_server_preprocess_speed.py bounds it everywhere).
+    one_level = float((1 / 255 / loaded.preprocessor.std).max())
+    torch.testing.assert_close(
+        loaded.preprocessor.model_input(image)[0], timm_transform(image), atol=one_level * 1.01, rtol=0
+    )
