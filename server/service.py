@@ -144,7 +144,8 @@ class InferenceService:
 
     def _prepare(self, model: LoadedModel, image: bytes) -> torch.Tensor:
         """Runs in a decoding thread: bytes -> the uint8 model input; raises errors.ImageError."""
-        return model.preprocessor(decode_image(image, self.settings.max_pixels))
+        reduce_to = model.preprocessor.resize_short_side  # JPEGs much larger than that decode at 1/2..1/8
+        return model.preprocessor(decode_image(image, self.settings.max_pixels, reduce_to=reduce_to))
 
     async def _run_batch(self, batch: Batch) -> None:
         await self.workers[batch.key.model].run(batch)
