@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         app,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        # uvicorn's default (5 s) closed connections that clients were about to reuse (issue 11).
+        timeout_keep_alive=settings.keep_alive_s,
         # Queued requests finish within their deadline; do not wait for stragglers much longer.
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )

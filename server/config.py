@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(
         10_000.0, gt=0.0, description="deadline from a request's arrival; then 504"
     )
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0.0,
+        description="seconds an idle keep-alive connection stays open; longer than load balancers' "
+        "(60 s), so clients close first and never send into a connection the server is closing",
+    )
     max_upload_bytes: int = Field(10 * MIB, ge=1, description="largest upload; larger ones get 413")
     max_pixels: int = Field(
         40_000_000, ge=1, description="largest image (width x height), checked before decoding"

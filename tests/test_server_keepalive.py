@@ -9,7 +9,8 @@ so every further request meets a full queue.
 The second test pins down what did reset connections in the benchmark's 2x overload phase: the
 open-loop client kept 256 connections in a FIFO pool, so at ~49 requests/s (float32) each
 connection sat idle ~5.2 s between requests, just past uvicorn's default keep-alive timeout of
-5 s; the server closed it and the next request written to it got no answer.
+5 s; the server closed it and the next request written to it got no answer. The server now keeps
+idle connections 75 s (TOME_KEEP_ALIVE_S), longer than load balancers' 60 s.
 """
 
 from __future__ import annotations
@@ -107,11 +108,6 @@ def test_queue_full_answers_429_on_every_reused_connection(port: int) -> None:
             sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn's default timeout_keep_alive (5 s) closes idle connections that clients and load "
-    "balancers (60 s idle timeouts) still reuse; phase 2 of issue 11 passes a longer one to uvicorn",
-)
 def test_connection_idle_past_5_s_still_answers(port: int) -> None:
     body = photo_like_jpeg(64)
     with socket.create_connection(("127.0.0.1", port)) as sock:
