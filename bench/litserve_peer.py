@@ -14,7 +14,8 @@ fed through queues, with its own dynamic batching (``--batch-timeout-ms``, defau
 per server (``--r``). Answers: the top-1 class index and its probability.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: LitServe compares decode_request's annotation with
+# fastapi.Request itself, and reads a multipart form only when it is the class, not a string.
 
 import argparse
 import os
@@ -22,28 +23,46 @@ import sys
 
 import torch
 
-
-def build_api(args: argparse.Namespace):
+try:  # optional: the peer exists only where LitServe is installed
     import litserve as ls
+except ImportError:  # pragma: no cover - depends on the environment
+    ls = None
+
+
+if ls is not None:
     from fastapi import Request
 
-    import tome
-    from tome_serve.config import Settings
-    from tome_serve.decode import decode_image
-    from tome_serve.loading import load_model
-
     class ToMeAPI(ls.LitAPI):
+        """Defined at module level: LitServe pickles the API into its worker processes."""
+
+        def __init__(self, args: argparse.Namespace) -> None:
+            super().__init__(
+                max_batch_size=args.batch_size,
+                batch_timeout=args.batch_timeout_ms / 1000,
+                api_path="/classify",
+            )
+            self.args = args
+
         def setup(self, device: str) -> None:
-            if args.torch_threads:
-                torch.set_num_threads(args.torch_threads)
+            from tome_serve.config import Settings
+            from tome_serve.loading import load_model
+
+            if self.args.torch_threads:
+                torch.set_num_threads(self.args.torch_threads)
             settings = Settings(
-                model=args.model, weights=args.weights, device="cpu", dtype=args.dtype, max_batch_size=8
+                model=self.args.model,
+                weights=self.args.weights,
+                device="cpu",
+                dtype=self.args.dtype,
+                max_batch_size=self.args.batch_size,
             )
             self.loaded = load_model(settings.model_names[0], settings)
             self.reduce_to = self.loaded.preprocessor.resize_short_side
             self.max_pixels = settings.max_pixels
 
         def decode_request(self, request: Request) -> torch.Tensor:
+            from tome_serve.decode import decode_image
+
             data = request["file"].file.read()
             return self.loaded.preprocessor(decode_image(data, self.max_pixels, reduce_to=self.reduce_to))
 
@@ -51,8 +70,10 @@ def build_api(args: argparse.Namespace):
             return torch.stack(inputs)
 
         def predict(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            import tome
+
             batch = self.loaded.preprocessor.normalize(pixels, self.loaded.dtype)
-            with torch.inference_mode(), tome.merging(r=args.r):
+            with torch.inference_mode(), tome.merging(r=self.args.r):
                 logits = self.loaded.module(batch)
             return logits.float().softmax(-1).max(-1)
 
@@ -63,8 +84,6 @@ def build_api(args: argparse.Namespace):
         def encode_response(self, output: tuple[float, int]) -> dict:
             score, index = output
             return {"predictions": [{"index": index, "score": round(score, 6)}]}
-
-    return ToMeAPI(max_batch_size=args.batch_size, batch_timeout=args.batch_timeout_ms / 1000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,14 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=0, help="per worker; 0 = torch's default")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
-    try:
-        import litserve as ls
-    except ImportError:
+    if ls is None:
         print("the LitServe peer needs `pip install litserve`", file=sys.stderr)
         return 2
-    server = ls.LitServer(
-        build_api(args), accelerator="cpu", workers_per_device=args.workers, api_path="/classify"
-    )
+    api = ToMeAPI(args)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers)
     print(f"LitServe {ls.__version__} peer on port {args.port}, pid {os.getpid()}", flush=True)
     server.run(port=args.port, generate_client_file=False)
     return 0
