@@ -145,16 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     extra = dict(item.split("=", 1) for item in args.env)
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)  # start_server passes this process's environment on
-    try:
-        process, url = start_server(server_args)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    process, url = start_server(server_args, extra)
     try:
         ready_mb = rss_mb(process.pid)
         print(f"server ready: {ready_mb} MB resident; env {extra}", flush=True)
