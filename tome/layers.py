@@ -12,7 +12,7 @@ from .state import CallState
 
 def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's Attention forward with an additive bias; returns the output and the keys averaged over
-    heads [B, N, D], the similarity metric for merging.
+    heads [B, N, D] in float32, the similarity metric for merging.
 
     It always uses the fused kernel; with ``bias=None`` that is the unmasked kernel.
     """
@@ -28,7 +28,9 @@ def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple
     out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=2)
+    # float32: one kernel here, and the matching's small matrix product is faster and exact-er than
+    # in bfloat16.
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=2, dtype=torch.float32)
 
 
 class ToMeBlock(Block):
@@ -49,7 +51,7 @@ class ToMeBlock(Block):
         if state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         num_tokens = x.shape[1]
-        bias = state.attn_bias(x.dtype)
+        bias = state.attn_bias()
         if r == 0 and bias is None:
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         else:

@@ -8,25 +8,20 @@ edges are merged. With one class token this is exactly the paper's partition, be
 sits at position 0 of A and is excluded there.
 
 After a merge the order is ``[prefix | unmerged A tokens in their old order | all B tokens]``.
+
+Speed: a merge runs once per layer on a few hundred tokens, so at small batches its cost is the number
+of kernels it launches, not their arithmetic. Everything that depends only on the shapes (the rows of
+the A, B and prefix tokens in the flattened batch) is built once per (batch, tokens, r, device) and
+cached; per call there are three small sorts/gathers on the scores and one gather per index list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class Match:
-    """The outcome of one matching step, applicable to features, sizes and sources alike."""
-
-    merge: Callable[[torch.Tensor], torch.Tensor]
-    """``merge(x)`` sums ``x`` [B, N, C] over the tokens that merge, giving [B, N - r, C]."""
-    follow: Callable[[torch.Tensor], torch.Tensor]
-    """``follow(index)`` maps token positions [B, M] before the merge to positions after it."""
 
 
 def max_merge(num_tokens: int, num_protected: int) -> int:
@@ -34,71 +29,143 @@ def max_merge(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Index tensors of one merge step that depend only on its shapes."""
+
+    first_a: int
+    first_b: int
+    num_out: int
+    b_start: int
+    a_rows: torch.Tensor
+    """[B, Na] row of every A token in the flattened [B * N, C] input."""
+    prefix_rows: torch.Tensor
+    """[B, P] rows of the protected tokens."""
+    b_rows: torch.Tensor
+    """[B, Nb] rows of the B tokens."""
+    dst_base: torch.Tensor
+    """[B, 1] row of each image's first B token in the flattened [B * (N - r), C] output."""
+    ones_src: torch.Tensor
+    """[B * r, 1] float32 ones: the size of every merged token while no token has been merged."""
+
+
+def _build_layout(batch: int, num_tokens: int, r: int, num_protected: int, device: torch.device) -> _Layout:
+    first_a = num_protected + num_protected % 2  # A holds the even positions
+    first_b = num_protected + 1 - num_protected % 2
+    num_a = len(range(first_a, num_tokens, 2))
+    num_out = num_tokens - r
+    b_start = num_protected + num_a - r
+    offsets = torch.arange(batch, device=device)[:, None]
+    return _Layout(
+        first_a=first_a,
+        first_b=first_b,
+        num_out=num_out,
+        b_start=b_start,
+        a_rows=torch.arange(first_a, num_tokens, 2, device=device) + offsets * num_tokens,
+        prefix_rows=torch.arange(num_protected, device=device) + offsets * num_tokens,
+        b_rows=torch.arange(first_b, num_tokens, 2, device=device) + offsets * num_tokens,
+        dst_base=offsets * num_out + b_start,
+        ones_src=torch.ones(batch * r, 1, device=device),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _cached_layout(batch: int, num_tokens: int, r: int, num_protected: int, device: torch.device) -> _Layout:
+    # Normal tensors even when first asked for under inference_mode, so that later autograd calls
+    # (training with merging) may save them for backward.
+    with torch.inference_mode(False):
+        return _build_layout(batch, num_tokens, r, num_protected, device)
+
+
+def _layout(batch: int, num_tokens: int, r: int, num_protected: int, device: torch.device) -> _Layout:
+    if torch.compiler.is_compiling():  # traced once into the graph as constants
+        return _build_layout(batch, num_tokens, r, num_protected, device)
+    return _cached_layout(batch, num_tokens, r, num_protected, device)
+
+
+class Match:
+    """The outcome of one matching step, applicable to features, sizes and sources alike."""
+
+    def __init__(
+        self,
+        layout: _Layout,
+        shape: tuple[int, int],
+        survivor_rows: torch.Tensor,
+        src_rows: torch.Tensor,
+        dst_rows: torch.Tensor,
+    ) -> None:
+        self._layout = layout
+        self._batch, self._num_tokens = shape
+        self._survivor_rows = survivor_rows  # rows of the input that survive, in output order
+        self._src_rows = src_rows  # rows of the input that merge away
+        self._dst_rows = dst_rows  # rows of the output they merge into
+
+    @property
+    def num_out(self) -> int:
+        return self._layout.num_out
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` [B, N, C] over the tokens that merge, giving [B, N - r, C]."""
+        # index_select copies whole rows and index_add_ touches only the r merged rows per image: both
+        # far cheaper on CPU than a scatter over every token.
+        rows = x.reshape(self._batch * self._num_tokens, x.shape[-1])
+        out = rows.index_select(0, self._survivor_rows)
+        out.index_add_(0, self._dst_rows, rows.index_select(0, self._src_rows))
+        return out.view(self._batch, self.num_out, x.shape[-1])
+
+    def merge_weighted(
+        self, x: torch.Tensor, size: torch.Tensor | None, size_x: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Size-weighted average of merged tokens.
+
+        ``size`` is [B, N, 1] float32 (None while every size is 1) and ``size_x`` the same sizes in
+        the dtype of ``x``. Returns the merged ``x`` and the new sizes in both dtypes. Sizes are
+        counted in float32 whatever the dtype of ``x`` (bfloat16 counts exactly only to 256), and
+        converted to the activations' dtype once per merge.
+        """
+        if size is None:
+            new_size = torch.ones(self._batch * self.num_out, 1, device=x.device)
+            new_size.index_add_(0, self._dst_rows, self._layout.ones_src)
+            new_size = new_size.view(self._batch, self.num_out, 1)
+            summed = self.merge(x)
+        else:
+            new_size = self.merge(size)
+            summed = self.merge(x * size_x)
+        new_size_x = new_size if new_size.dtype == x.dtype else new_size.to(x.dtype)
+        return summed / new_size_x, new_size, new_size_x
+
+    def follow(self, index: torch.Tensor) -> torch.Tensor:
+        """Map token positions ``index`` [B, M] before the merge to positions after it."""
+        batch, num_tokens = self._batch, self._num_tokens
+        device = index.device
+        local = self._survivor_rows.view(batch, -1) % num_tokens
+        new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        new_index.scatter_(1, local, torch.arange(self.num_out, device=device).expand(batch, -1))
+        src = self._src_rows.view(batch, -1) % num_tokens
+        dst = self._dst_rows.view(batch, -1) % self.num_out
+        new_index.scatter_(1, src, dst)
+        return new_index.gather(1, index)
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int) -> Match:
     """Match the ``r`` most similar A->B token pairs of ``metric`` [B, N, C].
 
-    ``r`` is capped at :func:`max_merge`. The returned ``merge`` and ``follow`` closures share one
-    set of indices, so features, sizes and source maps stay consistent.
+    ``r`` is capped at :func:`max_merge`. The returned :class:`Match` applies one set of indices to
+    features, sizes and source maps, so they stay consistent.
     """
     batch, num_tokens, _ = metric.shape
     r = min(r, max_merge(num_tokens, num_protected))
-    device = metric.device
-    first_a = num_protected + num_protected % 2  # A holds the even positions
-    first_b = num_protected + 1 - num_protected % 2
-
+    layout = _layout(batch, num_tokens, r, num_protected, metric.device)
     with torch.no_grad():
         unit = F.normalize(metric, dim=-1)
-        scores = unit[:, first_a::2] @ unit[:, first_b::2].transpose(-1, -2)
+        scores = unit[:, layout.first_a :: 2] @ unit[:, layout.first_b :: 2].transpose(-1, -2)
         best_score, best_b = scores.max(dim=-1)
+        # Stable, so that equal scores merge the earlier A token first.
         order = best_score.argsort(dim=-1, descending=True, stable=True)
         src = order[:, :r]  # indices into A
         kept = order[:, r:].sort(dim=-1).values  # unmerged A, back in sequence order
         dst = best_b.gather(-1, src)  # indices into B
-
-    num_kept, num_b = kept.shape[1], scores.shape[2]
-    b_start = num_protected + num_kept
-    num_out = b_start + num_b
-    offsets = torch.arange(batch, device=device)[:, None]
-    # Rows of the flattened [B * N, C] input that survive, in output order: prefix, kept A, all of B.
-    survivors = torch.cat(
-        [
-            torch.arange(num_protected, device=device).expand(batch, -1),
-            first_a + 2 * kept,
-            torch.arange(first_b, num_tokens, 2, device=device).expand(batch, -1),
-        ],
-        dim=1,
-    )
-    survivor_rows = (survivors + offsets * num_tokens).view(-1)
-    src_rows = (first_a + 2 * src + offsets * num_tokens).view(-1)
-    dst_rows = (b_start + dst + offsets * num_out).view(-1)
-
-    def merge(x: torch.Tensor) -> torch.Tensor:
-        # index_select copies whole rows and index_add_ touches only r rows per image: both far
-        # cheaper on CPU than a scatter over every token.
-        rows = x.reshape(batch * num_tokens, x.shape[-1])
-        out = rows.index_select(0, survivor_rows)
-        out.index_add_(0, dst_rows, rows.index_select(0, src_rows))
-        return out.view(batch, num_out, x.shape[-1])
-
-    def follow(index: torch.Tensor) -> torch.Tensor:
-        new_index = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-        new_index.scatter_(1, survivors, torch.arange(num_out, device=device).expand(batch, -1))
-        new_index[:, first_a::2].scatter_(1, src, b_start + dst)
-        return new_index.gather(1, index)
-
-    return Match(merge=merge, follow=follow)
-
-
-def merge_weighted(
-    match: Match, x: torch.Tensor, size: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of merged tokens; returns the merged ``x`` and the new sizes.
-
-    ``size`` is [B, N, 1] float32, or None while every size is 1. Sizes stay float32 whatever the
-    dtype of ``x``: bfloat16 cannot count past 256 exactly.
-    """
-    if size is None:
-        new_size = match.merge(torch.ones(*x.shape[:2], 1, device=x.device))
-        return match.merge(x) / new_size.to(x.dtype), new_size
-    new_size = match.merge(size)
-    return match.merge(x * size.to(x.dtype)) / new_size.to(x.dtype), new_size
+        survivors = torch.cat([layout.prefix_rows, layout.a_rows.gather(1, kept), layout.b_rows], dim=1)
+        src_rows = layout.a_rows.gather(1, src)
+        dst_rows = dst + layout.dst_base
+    return Match(layout, (batch, num_tokens), survivors.view(-1), src_rows.view(-1), dst_rows.view(-1))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .merge import bipartite_soft_matching, merge_weighted
+from .merge import bipartite_soft_matching
 
 
 @dataclass
@@ -20,6 +20,10 @@ class CallState:
     input_tokens: int
     size: torch.Tensor | None = None
     """[B, N, 1] float32 token sizes; None while no token has been merged (all sizes are 1)."""
+    size_x: torch.Tensor | None = None
+    """``size`` in the activations' dtype, converted once per merge."""
+    bias: torch.Tensor | None = None
+    """[B, 1, 1, N] proportional-attention bias log(size) in the activations' dtype, once per merge."""
     source: torch.Tensor | None = None
     """[B, N_in] current index of every input token; None unless traced."""
     applied_r: list[int] = field(default_factory=list)
@@ -33,15 +37,15 @@ class CallState:
             source = torch.arange(num_tokens, device=x.device).expand(batch, -1)
         return cls(num_protected, prop_attn, num_tokens, source=source)
 
-    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+    def attn_bias(self) -> torch.Tensor | None:
         """Proportional attention: log(size) added to every key's logit. None means plain attention."""
-        if self.size is None or not self.prop_attn:
-            return None
-        return self.size.log().to(dtype)[:, None, None, :, 0]
+        return self.bias
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> torch.Tensor:
         match = bipartite_soft_matching(metric, r, self.num_protected)
-        x, self.size = merge_weighted(match, x, self.size)
+        x, self.size, self.size_x = match.merge_weighted(x, self.size, self.size_x)
+        if self.prop_attn:
+            self.bias = self.size_x.log().view(x.shape[0], 1, 1, x.shape[1])
         if self.source is not None:
             self.source = match.follow(self.source)
         return x
