@@ -37,6 +37,28 @@ def test_average_pooling_is_weighted_by_token_size():
     assert not torch.allclose(pooled, model.fc_norm(patches.mean(1)), atol=1e-3)
 
 
+def test_features_are_pooled_with_their_own_sizes_after_another_call():
+    model = tome.patch(make("mae_avg_pool"))
+    first, second = images(model, seed=1), images(model, seed=2)
+    with torch.no_grad():
+        with tome.merging(r=6) as info:
+            expected = model(first)
+            features = model.forward_features(first)
+        with tome.merging(r=6) as other_info:
+            other = model.forward_features(second)  # same shape, other merges
+        assert other.shape == features.shape
+        assert not torch.equal(other_info.sizes, info.sizes)
+        assert torch.allclose(model.forward_head(features), expected, atol=1e-6)
+
+
+def test_pooling_a_copy_of_merged_features_warns():
+    model = tome.patch(make("mae_avg_pool"))
+    with torch.no_grad(), tome.merging(r=6):
+        features = model.forward_features(images(model))
+        with pytest.warns(UserWarning, match="without token sizes"):
+            model.forward_head(features.clone())
+
+
 def test_models_without_pooling_return_every_merged_token():
     model = tome.patch(make("mae_avg_pool", num_classes=0, global_pool=""))
     x = images(model)

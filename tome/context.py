@@ -44,16 +44,7 @@ class _Request:
     info: MergeInfo
 
 
-@dataclass(frozen=True)
-class FeatureSizes:
-    """Token sizes of the features a forward_features call returned, for the pooling that follows."""
-
-    shape: tuple[int, int]
-    sizes: torch.Tensor | None
-
-
 _request: ContextVar[_Request | None] = ContextVar("tome_request", default=None)
-_last_features: ContextVar[FeatureSizes | None] = ContextVar("tome_last_features", default=None)
 
 
 @contextmanager
@@ -73,15 +64,3 @@ def merging(r: RSpec | None = None, trace_source: bool = False) -> Iterator[Merg
 
 def current_request() -> _Request | None:
     return _request.get()
-
-
-def remember_features(x: torch.Tensor, sizes: torch.Tensor | None) -> None:
-    _last_features.set(FeatureSizes(shape=(x.shape[0], x.shape[1]), sizes=sizes))
-
-
-def sizes_for(x: torch.Tensor) -> torch.Tensor | None:
-    """Sizes of the tokens in ``x`` if ``x`` came from this context's last forward_features call."""
-    last = _last_features.get()
-    if last is None or x.ndim != 3 or last.shape != (x.shape[0], x.shape[1]):
-        return None
-    return last.sizes

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 
 import torch
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 
-from .context import MergeInfo, current_request, remember_features, sizes_for
+from .context import MergeInfo, current_request
 from .layers import weighted_pool
 from .schedule import parse_r
 from .state import CallState
@@ -33,7 +34,9 @@ class ToMeVisionTransformer(VisionTransformer):
         return x, CallState.start(x, self.num_prefix_tokens, self.tome_prop_attn, trace), schedule
 
     def _tome_finish(self, x: torch.Tensor, state: CallState) -> None:
-        remember_features(x, None if state.size is None else state.size[..., 0])
+        # The sizes travel with the very tensor they describe, so forward_head pools it correctly
+        # whatever other calls happened in between; a copy or slice of it has no sizes.
+        x.tome_sizes = None if state.size is None else state.size[..., 0]
         request = current_request()
         if request is not None:
             _fill(request.info, state, state.final_sizes(x))
@@ -98,8 +101,15 @@ class ToMeVisionTransformer(VisionTransformer):
         return spatial if intermediates_only else (final, spatial)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        sizes = sizes_for(x)
+        sizes = getattr(x, "tome_sizes", None)
         if sizes is None:
+            if not hasattr(x, "tome_sizes") and _fewer_tokens_than_input(self, x):
+                warnings.warn(
+                    "pooling features with fewer tokens than the input but without token sizes: pass "
+                    "forward_head the tensor forward_features returned (a copy or slice loses the sizes "
+                    "of merged tokens, and they are then pooled as if each were one patch)",
+                    stacklevel=2,
+                )
             return super().pool(x, pool_type)
         if self.attn_pool is not None:
             # The pooling attention is proportional too: a merged token speaks for all its patches.
@@ -108,6 +118,12 @@ class ToMeVisionTransformer(VisionTransformer):
             return self.attn_pool(x, attn_mask=sizes.log().to(x.dtype)[:, None, None, :])
         prefix = 0 if self.pool_include_prefix else self.num_prefix_tokens
         return weighted_pool(x, sizes, self.global_pool if pool_type is None else pool_type, prefix)
+
+
+def _fewer_tokens_than_input(model: VisionTransformer, x: torch.Tensor) -> bool:
+    if x.ndim != 3 or getattr(model.patch_embed, "dynamic_img_size", False):
+        return False
+    return x.shape[1] < model.patch_embed.num_patches + model.num_prefix_tokens
 
 
 def _check_masks(schedule: list[int], attn_mask: torch.Tensor | None, is_causal: bool) -> None:
