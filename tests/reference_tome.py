@@ -26,8 +26,9 @@ def _attention(
     out = torch.softmax(logits, dim=-1) @ v
     out = out.permute(1, 0, 2).reshape(n, heads * head_dim)
     out = attn.norm(out)
-    if attn.gate is not None:
-        out = out * attn.gate(x).sigmoid()
+    gate = getattr(attn, "gate", None)  # timm releases before gated attention lack the attribute
+    if gate is not None:
+        out = out * gate(x).sigmoid()
     return attn.proj(out), k.mean(dim=0)
 
 

@@ -86,3 +86,19 @@ def test_full_size_vit_s16_matches_timm_and_the_reference():
     assert info.token_counts == counts[0] == tome.token_counts(197, 12, 8)
     assert torch.equal(info.source, sources)
     assert torch.allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_attention_without_the_attributes_newer_timm_added():
+    # timm releases before gated attention have no Attention.gate and no Attention.attn_dim.
+    model = make("augreg_vit_p16")
+    for block in model.blocks:
+        for name in ("gate", "attn_dim"):
+            if hasattr(block.attn, name):
+                delattr(block.attn, name)
+    reference = copy.deepcopy(model)
+    tome.patch(model)
+    x = images(model)
+    expected, _, _ = reference_forward(reference, x, [3] * 4)
+    with torch.no_grad(), tome.merging(r=3):
+        assert torch.allclose(model(x), expected, atol=1e-4, rtol=0)
+    assert tome.flops(model, 3) > 0

@@ -31,8 +31,9 @@ def _patch_macs(model: VisionTransformer, num_patches: int) -> int:
 
 def _block_macs(block: nn.Module, tokens_in: int, tokens_out: int) -> int:
     attn = block.attn
-    projections = tokens_in * (_linear_macs(attn.qkv) + _linear_macs(attn.proj) + _linear_macs(attn.gate))
-    scores_and_mix = 2 * tokens_in * tokens_in * attn.attn_dim  # Q @ K^T and softmax(..) @ V
+    gate = getattr(attn, "gate", None)  # older timm releases have no gated attention
+    projections = tokens_in * (_linear_macs(attn.qkv) + _linear_macs(attn.proj) + _linear_macs(gate))
+    scores_and_mix = 2 * tokens_in * tokens_in * attn.num_heads * attn.head_dim  # Q @ K^T and softmax(..) @ V
     return projections + scores_and_mix + tokens_out * _linear_macs(block.mlp)
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Attention, Block
 
 from .state import CallState
 
@@ -14,10 +13,12 @@ def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple
     """timm's Attention forward with an additive bias; returns the output and the keys averaged over
     heads [B, N, D] in float32, the similarity metric for merging.
 
-    It always uses the fused kernel; with ``bias=None`` that is the unmasked kernel.
+    It always uses the fused kernel; with ``bias=None`` that is the unmasked kernel. ``attn_dim`` and
+    ``gate`` are read with the meaning they have in older timm releases, which lack them.
     """
     batch, num_tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    gate_layer = getattr(attn, "gate", None)
+    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
     qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.unbind(2)  # [B, N, H, D]: averaging keys over heads reads contiguous memory
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -25,7 +26,7 @@ def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, dropout_p=dropout
     )
-    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.num_heads * attn.head_dim))
     if gate is not None:
         out = out * gate
     # float32: one kernel here, and the matching's small matrix product is faster and exact-er than
@@ -39,6 +40,12 @@ class ToMeBlock(Block):
     Called without ``state`` it is exactly timm's Block.
     """
 
+    def _timm_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        # Older timm releases have no is_causal argument; pass it only when it is asked for.
+        if is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=True)
+        return super().forward(x, attn_mask=attn_mask)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -49,11 +56,11 @@ class ToMeBlock(Block):
         r: int = 0,
     ) -> torch.Tensor:
         if state is None:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            return self._timm_forward(x, attn_mask, is_causal)
         num_tokens = x.shape[1]
         bias = state.attn_bias()
         if r == 0 and bias is None:
-            x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = self._timm_forward(x, attn_mask, is_causal)
         else:
             out, metric = attend(self.attn, self.norm1(x), bias)
             x = x + self.drop_path1(self.ls1(out))

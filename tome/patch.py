@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from .layers import ToMeBlock
 from .model import ToMeVisionTransformer, tome_class
