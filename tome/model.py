@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .context import MergeInfo, current_request
 from .layers import weighted_pool
-from .schedule import parse_r
+from .schedule import RSpec, parse_r
 from .state import CallState
 
 
@@ -24,18 +24,37 @@ class ToMeVisionTransformer(VisionTransformer):
     r: object = 0
     tome_prop_attn: bool = True
 
-    def _tome_begin(self, x: torch.Tensor, force_source: bool = False):
-        """Embed the image and set up this call's state and schedule."""
+    def _tome_request(self, force_source: bool = False) -> tuple[list[int], bool]:
+        """This call's merge schedule and whether it traces sources, from tome.merging or model.r."""
         request = current_request()
         r = self.r if request is None or request.r is None else request.r
-        schedule = parse_r(r, len(self.blocks))
         trace = force_source or (request is not None and request.trace_source)
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        return x, CallState.start(x, self.num_prefix_tokens, self.tome_prop_attn, trace), schedule
+        return parse_r(r, len(self.blocks)), trace
 
-    def _tome_finish(self, x: torch.Tensor, state: CallState) -> None:
+    def _tome_begin(self, x: torch.Tensor, trace: bool) -> tuple[torch.Tensor, CallState]:
+        """Embed the image and set up this call's state."""
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return x, CallState.start(x, self.num_prefix_tokens, self.tome_prop_attn, trace)
+
+    def _tome_features(
+        self,
+        x: torch.Tensor,
+        schedule: list[int],
+        trace: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, CallState]:
+        x, state = self._tome_begin(x, trace)
+        _check_masks(schedule, attn_mask, is_causal)
+        for block, r in zip(self.blocks, schedule, strict=True):
+            x = block(x, attn_mask, is_causal, state=state, r=r)
+        x = self.norm(x)
         # The sizes travel with the very tensor they describe, so forward_head pools it correctly
         # whatever other calls happened in between; a copy or slice of it has no sizes.
+        x.tome_sizes = None if state.size is None else state.size[..., 0]
+        return x, state
+
+    def _tome_finish(self, x: torch.Tensor, state: CallState) -> None:
         x.tome_sizes = None if state.size is None else state.size[..., 0]
         request = current_request()
         if request is not None:
@@ -44,13 +63,20 @@ class ToMeVisionTransformer(VisionTransformer):
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        x, state, schedule = self._tome_begin(x)
-        _check_masks(schedule, attn_mask, is_causal)
-        for block, r in zip(self.blocks, schedule, strict=True):
-            x = block(x, attn_mask, is_causal, state=state, r=r)
-        x = self.norm(x)
+        schedule, trace = self._tome_request()
+        x, state = self._tome_features(x, schedule, trace, attn_mask, is_causal)
         self._tome_finish(x, state)
         return x
+
+    def tome_forward(self, x: torch.Tensor, r: RSpec) -> torch.Tensor:
+        """``forward(x)`` merging with schedule ``r``, given explicitly.
+
+        It reads no context variable and fills no :class:`MergeInfo` (the token counts of a schedule
+        are :func:`tome.token_counts`), which makes it the entry point for ``torch.compile``; see
+        :mod:`tome.compiled`.
+        """
+        features, _ = self._tome_features(x, parse_r(r, len(self.blocks)))
+        return self.forward_head(features)
 
     def forward_intermediates(
         self,
@@ -71,7 +97,8 @@ class ToMeVisionTransformer(VisionTransformer):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        x, state, schedule = self._tome_begin(x, force_source=True)
+        schedule, _ = self._tome_request()
+        x, state = self._tome_begin(x, trace=True)
         _check_masks(schedule, attn_mask, is_causal)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         taken = []
