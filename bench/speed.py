@@ -189,10 +189,27 @@ def _plot(rows: list[Row], path: Path, machine: str) -> None:
     plt.close(fig)
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
 def describe_machine(device: str) -> str:
+    """The GPU's name, or the CPU's model name and the flags that decide its matrix-multiply speed."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    simd = [flag for flag in SIMD_FLAGS if flag in flags]
+    amx = "" if not flags or "amx_tile" in flags else ", no AMX"
+    listed = f" ({' '.join(simd)}{amx})" if simd else ""
+    return f"{name}{listed}, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> None:
