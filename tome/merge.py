@@ -113,26 +113,32 @@ class Match:
         out.index_add_(0, self._dst_rows, rows.index_select(0, self._src_rows))
         return out.view(self._batch, self.num_out, x.shape[-1])
 
-    def merge_weighted(
-        self, x: torch.Tensor, size: torch.Tensor | None, size_x: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def merge_weighted(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted average of merged tokens.
 
-        ``size`` is [B, N, 1] float32 (None while every size is 1) and ``size_x`` the same sizes in
-        the dtype of ``x``. Returns the merged ``x`` and the new sizes in both dtypes. Sizes are
-        counted in float32 whatever the dtype of ``x`` (bfloat16 counts exactly only to 256), and
-        converted to the activations' dtype once per merge.
+        ``size`` is [B, N, 1] float32, None while every size is 1. Returns the merged ``x`` and the
+        new sizes. Sizes are counted in float32 whatever the dtype of ``x`` (bfloat16 counts exactly
+        only to 256); only the merged rows' shares are converted to the dtype of ``x``.
+
+        Only the merged rows are computed: a token that absorbs others moves towards each of them by
+        its share of the new size, ``x_dst += s_src * (x_src - x_dst) / s_new``, which is the
+        size-weighted mean without weighting and unweighting every token.
         """
+        batch, num_tokens, channels = x.shape
+        rows = x.reshape(batch * num_tokens, channels)
+        out = rows.index_select(0, self._survivor_rows)
         if size is None:
-            new_size = torch.ones(self._batch * self.num_out, 1, device=x.device)
-            new_size.index_add_(0, self._dst_rows, self._layout.ones_src)
-            new_size = new_size.view(self._batch, self.num_out, 1)
-            summed = self.merge(x)
+            new_size = torch.ones(batch * self.num_out, 1, device=x.device)
+            src_size = self._layout.ones_src
         else:
-            new_size = self.merge(size)
-            summed = self.merge(x * size_x)
-        new_size_x = new_size if new_size.dtype == x.dtype else new_size.to(x.dtype)
-        return summed / new_size_x, new_size, new_size_x
+            sizes = size.reshape(batch * num_tokens, 1)
+            new_size = sizes.index_select(0, self._survivor_rows)
+            src_size = sizes.index_select(0, self._src_rows)
+        new_size.index_add_(0, self._dst_rows, src_size)
+        share = src_size / new_size.index_select(0, self._dst_rows)
+        src = rows.index_select(0, self._src_rows)
+        out.index_add_(0, self._dst_rows, (src - out.index_select(0, self._dst_rows)) * share.to(x.dtype))
+        return out.view(batch, self.num_out, channels), new_size.view(batch, self.num_out, 1)
 
     def follow(self, index: torch.Tensor) -> torch.Tensor:
         """Map token positions ``index`` [B, M] before the merge to positions after it."""

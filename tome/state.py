@@ -20,8 +20,6 @@ class CallState:
     input_tokens: int
     size: torch.Tensor | None = None
     """[B, N, 1] float32 token sizes; None while no token has been merged (all sizes are 1)."""
-    size_x: torch.Tensor | None = None
-    """``size`` in the activations' dtype, converted once per merge."""
     bias: torch.Tensor | None = None
     """[B, 1, 1, N] proportional-attention bias log(size) in the activations' dtype, once per merge."""
     source: torch.Tensor | None = None
@@ -43,9 +41,9 @@ class CallState:
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> torch.Tensor:
         match = bipartite_soft_matching(metric, r, self.num_protected)
-        x, self.size, self.size_x = match.merge_weighted(x, self.size, self.size_x)
+        x, self.size = match.merge_weighted(x, self.size)
         if self.prop_attn:
-            self.bias = self.size_x.log().view(x.shape[0], 1, 1, x.shape[1])
+            self.bias = self.size.log().to(x.dtype).view(x.shape[0], 1, 1, x.shape[1])
         if self.source is not None:
             self.source = match.follow(self.source)
         return x
