@@ -33,14 +33,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ROUNDS = {1: 30, 8: 8, 32: 3}
 
 
-def largest_useful_r(model) -> int:
-    """The smallest r that leaves as few tokens as any larger r would."""
-    depth, prefix = len(model.blocks), model.num_prefix_tokens
-    tokens = model.patch_embed.num_patches + prefix
-    fewest = tome.token_counts(tokens, depth, tokens, prefix)[-1]
-    return next(r for r in range(tokens) if tome.token_counts(tokens, depth, r, prefix)[-1] == fewest)
-
-
 def r_values(dtype: str, batch: int, r_max: int) -> list[int]:
     if dtype != "float32" and batch == 1:
         return [0, *range(4, r_max + 1)]
@@ -81,7 +73,7 @@ def measure_cell(args, name: str, dtype_name: str, batch: int) -> dict:
     baseline = timm.create_model(name, pretrained=False, **json.loads(args.model_kwargs))
     baseline = baseline.eval().to(args.device, dtype)
     patched = tome.patch(copy.deepcopy(baseline))
-    r_max = largest_useful_r(baseline)
+    r_max = tome.largest_useful_r(baseline)
     rs = r_values(dtype_name, batch, r_max)
     x = torch.randn(batch, 3, *baseline.patch_embed.img_size, device=args.device, dtype=dtype)
     variants: dict[str, Callable[[], object]] = {"timm": lambda: baseline(x)}

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from tome_models import images, make
+from tiny import images, make
 
 import tome
 from tome.compiled import CompiledToMe
