@@ -12,7 +12,9 @@ After a merge the order is ``[prefix | unmerged A tokens in their old order | al
 Speed: a merge runs once per layer on a few hundred tokens, so at small batches its cost is the number
 of kernels it launches, not their arithmetic. Everything that depends only on the shapes (the rows of
 the A, B and prefix tokens in the flattened batch) is built once per (batch, tokens, r, device) and
-cached; per call there are three small sorts/gathers on the scores and one gather per index list.
+cached. Per call, the matching is a normalisation, one small matrix product, a max, two sorts of
+about N/2 elements, three gathers and a concatenation; the weighted merge gathers the surviving rows
+once and updates only the r merged rows per image.
 """
 
 from __future__ import annotations
