@@ -24,11 +24,11 @@ class ToMeVisionTransformer(VisionTransformer):
     r: object = 0
     tome_prop_attn: bool = True
 
-    def _tome_request(self, force_source: bool = False) -> tuple[list[int], bool]:
+    def _tome_request(self) -> tuple[list[int], bool]:
         """This call's merge schedule and whether it traces sources, from tome.merging or model.r."""
         request = current_request()
         r = self.r if request is None or request.r is None else request.r
-        trace = force_source or (request is not None and request.trace_source)
+        trace = request is not None and request.trace_source
         return parse_r(r, len(self.blocks)), trace
 
     def _tome_begin(self, x: torch.Tensor, trace: bool) -> tuple[torch.Tensor, CallState]:
