@@ -107,6 +107,7 @@ class BatchQueue:
         self._arrived = asyncio.Event()
         self._closing = False
         self._batch_seconds = 0.0  # moving average, for the retry hint
+        self._last_done = 0.0
         self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"batch-loop-{key}")
 
     @property
@@ -201,7 +202,8 @@ class BatchQueue:
         return Batch(self.key, r, items, now)
 
     async def _run(self, batch: Batch) -> None:
-        started = time.monotonic()
+        # A batch formed while another ran waited ready for it: it starts when the previous ends.
+        started = max(time.monotonic(), self._last_done)
         try:
             await self._runner(batch)
         except Exception as exc:  # the runner resolves its items; this is the safety net
@@ -210,7 +212,8 @@ class BatchQueue:
                 if item.live:
                     item.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
         finally:
-            elapsed = time.monotonic() - started
+            self._last_done = time.monotonic()
+            elapsed = max(0.0, self._last_done - started)
             previous = self._batch_seconds or elapsed
             self._batch_seconds = 0.8 * previous + 0.2 * elapsed
 

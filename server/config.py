@@ -45,8 +45,10 @@ class Settings(BaseSettings):
         description="'pretrained' (model hub, cached under HF_HOME), 'random', or a local weights file",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="model precision (half precision is for GPUs)"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="model precision; auto: bfloat16 where the CPU or GPU computes it natively "
+        "(AVX-512-BF16, AMX, Arm BF16, CUDA compute capability 8+), else float32",
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -82,13 +84,18 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, requests need 'Authorization: Bearer <key>' (prefer the variable)"
     )
-    preprocess_threads: int = Field(2, ge=1, description="threads that decode, resize and crop uploads")
-    instances: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="inference threads per model, each running whole batches; on CPU they split "
-        "torch's threads between them (more throughput, longer batches)",
+    preprocess_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="threads that decode, resize and crop uploads; auto: a quarter of the cores, >= 1"
+    )
+    instances: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="inference threads per model, each running whole batches; auto: on up to 4 CPU "
+        "cores one per core, on more one per 4 cores, on a GPU one",
+    )
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="torch threads of each instance; auto: 1 on up to 4 cores, else 4 "
+        "(or the cores / instances when instances is set)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,15 +47,20 @@ class _Forward:
 class InferenceWorker:
     """Owns one :class:`LoadedModel` and the ``instances`` threads that call it."""
 
-    def __init__(self, model: LoadedModel, metrics: Metrics, instances: int = 1) -> None:
+    def __init__(
+        self, model: LoadedModel, metrics: Metrics, instances: int = 1, torch_threads: int | None = None
+    ) -> None:
         self.model = model
         self._metrics = metrics
-        torch_threads = max(1, torch.get_num_threads() // instances)
+        self.instances = instances
+        self.torch_threads = torch_threads or max(1, torch.get_num_threads() // instances)
+        # Each thread sets its own torch thread count (OpenMP's is per thread) and so owns its
+        # own OpenMP team; torch never runs in the decoding threads.
         self._threads = ThreadPoolExecutor(
             max_workers=instances,
             thread_name_prefix=f"infer-{model.name}",
-            initializer=_use_torch_threads if model.device.type == "cpu" and instances > 1 else None,
-            initargs=(torch_threads,),
+            initializer=_use_torch_threads if model.device.type == "cpu" else None,
+            initargs=(self.torch_threads,),
         )
 
     async def run(self, batch: Batch) -> None:
@@ -127,9 +133,19 @@ class InferenceWorker:
         """Run dummy batches of every size at the default r (and one traced), so the first real
         requests do not pay for lazy initialisation; blocks until done."""
         shape = self.model.preprocessor.input_size
-        for size, trace in [(size, False) for size in batch_sizes] + [(1, True)]:
-            pixels = [torch.zeros(shape, dtype=torch.uint8)] * size
-            self._threads.submit(self._forward, self.model.default_r, pixels, trace).result()
+        plan = [([torch.zeros(shape, dtype=torch.uint8)] * size, False) for size in batch_sizes]
+        plan.append(([torch.zeros(shape, dtype=torch.uint8)], True))
+        # Every instance's thread warms (a barrier keeps one thread from taking two turns), so
+        # each thread's OpenMP team and lazily built kernels exist before the first request.
+        barrier = threading.Barrier(self.instances)
+
+        def warm_one() -> None:
+            barrier.wait(timeout=600)
+            for pixels, trace in plan:
+                self._forward(self.model.default_r, pixels, trace)
+
+        for future in [self._threads.submit(warm_one) for _ in range(self.instances)]:
+            future.result()
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)

@@ -17,6 +17,7 @@ import tome
 
 from . import weights as weights_io
 from .config import Settings
+from .hardware import resolve_dtype
 from .labels import class_labels
 from .models import LoadedModel
 from .preprocess import Preprocessor
@@ -36,13 +37,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def load_model(name: str, settings: Settings) -> LoadedModel:
     """Create, load, patch and describe one model (not yet warmed: its worker does that)."""
-    device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
+    device = resolve_device(settings.device)
+    choice = resolve_dtype(settings.dtype, device)
+    dtype = choice.dtype
     module, weights, notes = _create(name, settings.weights, settings.model_kwargs)
     try:
         tome.patch(module)
@@ -54,12 +53,14 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     r_max, default_r = _r_range(name, tome.largest_useful_r(module), settings, notes)
     for note in notes:
         log.warning("%s: %s", name, note)
+    log.info("%s: %s on %s (%s)", name, str(dtype).removeprefix("torch."), device, choice.reason)
     return LoadedModel(
         name=name,
         module=module,
         weights=weights,
         device=device,
         dtype=dtype,
+        dtype_reason=choice.reason,
         preprocessor=Preprocessor.for_model(module),
         labels=class_labels(module),
         num_tokens=tome.input_tokens(module),

@@ -34,6 +34,8 @@ class LoadedModel:
     default_r: int
     costs: list[tome.RCost]
     notes: list[str] = field(default_factory=list)
+    dtype_reason: str = "set explicitly"
+    """Why the model runs in ``dtype`` (``--dtype auto`` names the hardware feature)."""
 
     @property
     def num_classes(self) -> int:

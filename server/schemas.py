@@ -47,6 +47,10 @@ class ModelInfo(BaseModel):
     weights: str
     device: str
     dtype: str
+    dtype_reason: str = Field(description="Why this dtype: 'set explicitly', or what --dtype auto detected")
+    instances: int = Field(description="Inference threads of this model, each running whole batches")
+    torch_threads: int = Field(description="torch threads of each instance")
+    preprocess_threads: int = Field(description="Threads decoding and preprocessing uploads (shared)")
     r_min: int
     r_max: int = Field(
         description="Largest r accepted: the smallest r that leaves the fewest output "

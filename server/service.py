@@ -24,9 +24,10 @@ from .batching import Batch, Batcher, BatchPolicy
 from .config import Settings
 from .decode import decode_image
 from .errors import BadRequest, DeadlineExceeded, Unavailable, UnknownModel
+from .hardware import ThreadPlan, plan_threads
 from .inference import InferenceWorker
 from .item import Item, QueueKey, Result, Want
-from .loading import StartupError, load_model
+from .loading import StartupError, load_model, resolve_device
 from .metrics import Metrics
 from .models import LoadedModel
 
@@ -65,14 +66,25 @@ class InferenceService:
         self.failure: str | None = None
         self.workers: dict[str, InferenceWorker] = {}
         self._loader = loader
+        self.threads = _plan_threads(settings)
+        """Instances, torch threads per instance and preprocessing threads, "auto" resolved."""
+        log.info(
+            "threads: %d instance(s) per model x %d torch thread(s), %d preprocessing thread(s) (%s)",
+            self.threads.instances,
+            self.threads.torch_threads,
+            self.threads.preprocess_threads,
+            self.threads.reason,
+        )
         policy = BatchPolicy(
             max_batch_size=settings.max_batch_size,
             batch_wait_timeout_s=settings.max_delay_s,
             max_queue_size=settings.max_queue,
-            max_concurrent_batches=settings.instances,
+            # One formed batch waits ready beside those running, so an inference thread starts
+            # the next batch the moment it finishes one, without a round trip through the loop.
+            max_concurrent_batches=self.threads.instances + 1,
         )
         self.batcher = Batcher(policy, self._run_batch, self._record_depth)
-        self._decode_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(self.threads.preprocess_threads, thread_name_prefix="decode")
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -191,7 +203,12 @@ class InferenceService:
         sizes = tuple(sorted({1, self.settings.max_batch_size}))
         for name in self.settings.model_names:
             log.info("loading %s (weights: %s)", name, self.settings.weights)
-            worker = InferenceWorker(self._loader(name, self.settings), self.metrics, self.settings.instances)
+            worker = InferenceWorker(
+                self._loader(name, self.settings),
+                self.metrics,
+                self.threads.instances,
+                self.threads.torch_threads,
+            )
             worker.warm(sizes)
             workers[name] = worker
         return workers
@@ -207,6 +224,14 @@ class InferenceService:
         for worker in self.workers.values():
             worker.close()
         self._decode_pool.shutdown(wait=True)
+
+
+def _plan_threads(settings: Settings) -> ThreadPlan:
+    try:
+        device = resolve_device(settings.device)
+    except StartupError:  # reported when the models load
+        device = torch.device("cpu")
+    return plan_threads(settings.instances, settings.torch_threads, settings.preprocess_threads, device)
 
 
 def _loop_time(monotonic_deadline: float) -> float:

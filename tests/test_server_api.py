@@ -68,7 +68,9 @@ def scores(body: dict) -> dict[int, float]:
 
 def expected_probabilities(image: Image.Image, r: int) -> torch.Tensor:
     """The same seeded random model, in this process, on the same image: what the server must say."""
-    settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+    settings = Settings(
+        model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu", dtype="float32"
+    )
     loaded = load_model(MODEL, settings)
     timm_transform = create_transform(**loaded.preprocessor.data_config, is_training=False)
     with torch.inference_mode(), tome.merging(r=r):
@@ -91,6 +93,9 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     (info,) = client.get("/models").json()["models"]
     assert info["name"] == MODEL and info["default"] is True
     assert (info["weights"], info["device"], info["dtype"]) == ("random", "cpu", "float32")
+    assert info["dtype_reason"] == "set explicitly"
+    assert info["instances"] == 2 and info["torch_threads"] >= 1  # TOME_INSTANCES=2
+    assert info["preprocess_threads"] >= 1
     assert (info["r_min"], info["r_max"], info["default_r"]) == (0, 32, 16)
     assert info["input_size"] == [3, 64, 64] and info["patch_size"] == [8, 8]
     assert info["input_tokens"] == TOKENS and info["num_classes"] == 1000
@@ -98,7 +103,10 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     assert [c["r"] for c in costs] == list(range(33))
     model = tome.patch(
         load_model(
-            MODEL, Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+            MODEL,
+            Settings(
+                model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu", dtype="float32"
+            ),
         ).module
     )
     for cost in costs[::8]:

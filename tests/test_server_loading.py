@@ -22,7 +22,13 @@ NAME = "vit_tiny_patch16_224"
 
 
 def settings(weights: str = "random", **overrides: object) -> Settings:
-    values = {"model": NAME, "weights": weights, "model_kwargs": TINY_MODEL_KWARGS, "device": "cpu"}
+    values = {
+        "model": NAME,
+        "weights": weights,
+        "model_kwargs": TINY_MODEL_KWARGS,
+        "device": "cpu",
+        "dtype": "float32",
+    }
     return Settings(**{**values, **overrides})
 
 
