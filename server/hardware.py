@@ -114,12 +114,20 @@ THREADS_PER_INSTANCE = 4
 """On larger CPUs, torch threads per instance."""
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's cpuset, taskset)."""
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its affinity mask (a container's cpuset, taskset), capped by a
+    cgroup v2 CPU quota (a container's or pod's CPU limit, rounded up)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def plan_threads(

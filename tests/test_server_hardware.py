@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tome_serve.hardware import auto_dtype, cpu_bf16_reason, cpu_flags, plan_threads, resolve_dtype
+from tome_serve.hardware import (
+    auto_dtype,
+    cpu_bf16_reason,
+    cpu_flags,
+    plan_threads,
+    resolve_dtype,
+    usable_cores,
+)
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -100,3 +107,13 @@ def test_settings_take_auto_or_a_positive_integer() -> None:
     assert (settings.instances, settings.torch_threads, settings.dtype) == (2, "auto", "auto")
     with pytest.raises(ValueError):
         Settings(instances=0)
+
+
+def test_usable_cores_follow_a_cgroup_quota(tmp_path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    unlimited = usable_cores(cpu_max)
+    assert unlimited >= 1
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: rounded up, never above the affinity mask
+    assert usable_cores(cpu_max) == min(2, unlimited)
+    assert usable_cores(tmp_path / "missing") == unlimited
