@@ -79,9 +79,10 @@ class InferenceService:
             max_batch_size=settings.max_batch_size,
             batch_wait_timeout_s=settings.max_delay_s,
             max_queue_size=settings.max_queue,
-            # One formed batch waits ready beside those running, so an inference thread starts
-            # the next batch the moment it finishes one, without a round trip through the loop.
-            max_concurrent_batches=self.threads.instances + 1,
+            max_concurrent_batches=self.threads.instances,
+            # A full batch waits ready beside those running, so an inference thread starts the
+            # next batch the moment it finishes one, without a round trip through the event loop.
+            ready_batches=1,
         )
         self.batcher = Batcher(policy, self._run_batch, self._record_depth)
         self._decode_pool = ThreadPoolExecutor(self.threads.preprocess_threads, thread_name_prefix="decode")
