@@ -120,6 +120,10 @@ class BatchQueue:
     def depth(self) -> int:
         return len(self._items)
 
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return tuple(self._items)
+
     def check_room(self) -> None:
         if self._closing:
             raise _shutting_down()
@@ -270,6 +274,11 @@ class Batcher:
     def depth(self, key: QueueKey) -> int:
         queue = self._queues.get(key)
         return queue.depth if queue else 0
+
+    def queued(self, key: QueueKey) -> tuple[Item, ...]:
+        """The items waiting in ``key``'s queue, oldest first (for r=auto's admission)."""
+        queue = self._queues.get(key)
+        return queue.items if queue else ()
 
     def check_room(self, key: QueueKey) -> None:
         """Raise now if an item for ``key`` would be refused, so callers can refuse before doing

@@ -9,6 +9,7 @@ Any problem raises :class:`StartupError` with a message that says what to do abo
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import nn
@@ -71,10 +72,11 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     )
 
 
-def _r_range(name: str, useful: int, settings: Settings, notes: list[str]) -> tuple[int, int]:
-    """The model's r range and default r. Settings beyond what the model can use are capped, with a
-    note (logged, and listed by /models) rather than silently; the built-in default r (16) is
-    capped quietly."""
+def _r_range(
+    name: str, useful: int, settings: Settings, notes: list[str]
+) -> tuple[int, int | Literal["auto"]]:
+    """The model's r range and default r (an integer, or "auto"). Settings beyond what the model can
+    use are capped, with a note (logged, and listed by /models) rather than silently."""
     r_max = useful
     if settings.max_r is not None:
         if settings.max_r > useful:
@@ -83,6 +85,8 @@ def _r_range(name: str, useful: int, settings: Settings, notes: list[str]) -> tu
                 f"r is capped at {useful}"
             )
         r_max = min(useful, settings.max_r)
+    if settings.default_r == "auto":
+        return r_max, "auto"
     if settings.default_r > r_max and "default_r" in settings.model_fields_set:
         notes.append(
             f"--default-r / TOME_DEFAULT_R is {settings.default_r}, above the largest r {name} accepts "
