@@ -461,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--dtype",
-        default="float32",
+        default="auto",
         choices=["float32", "bfloat16", "float16", "auto"],
         help="the server's TOME_DTYPE and the direct model's dtype (auto: as the server resolves it)",
     )
@@ -473,9 +473,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument(
         "--instances",
-        type=int,
-        default=1,
-        help="server TOME_INSTANCES (the direct baseline is one batch at a time with all of torch's threads)",
+        default="auto",
+        help="server TOME_INSTANCES, a number or auto (the direct baseline is one batch at a time with "
+        "all of torch's threads)",
     )
     parser.add_argument("--request-timeout-ms", type=float, default=10_000)
     parser.add_argument(

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="random")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--instances", default="auto", help="the server's TOME_INSTANCES")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--r-cycle", default="0,8,16")
     parser.add_argument("--r-period", type=float, default=30.0)

@@ -12,8 +12,9 @@ connection error, or a 2xx without predictions (or without a PNG) is a failure.
 
 Environment:
   LOADTEST_IMAGES      folder of .jpg/.png/.webp files to upload (default: synthetic images, 5 sizes)
-  LOADTEST_R_VALUES    comma-separated r values to mix (default "0,8,16"); values outside the model's
-                       r range (from GET /models) are dropped
+  LOADTEST_R_VALUES    comma-separated r values to mix (default "0,8,16,auto"); integers outside the
+                       model's r range (from GET /models) are dropped; "auto" lets the server choose
+                       (the answers' r is reported per request name "<endpoint> r=auto")
   LOADTEST_MODEL       model query parameter (default: the server's default model)
   LOADTEST_SHAPE=step  add users in steps up to --users (see step_shape.py)
   LOADTEST_REPORT_DIR  write levels.md / levels.json (per user count: req/s, p50/p95/p99, 429 share)
@@ -36,8 +37,10 @@ from sample_images import SampleImage, load_sample_images
 from urllib3 import encode_multipart_formdata
 
 SAMPLE_IMAGES: tuple[SampleImage, ...] = tuple(load_sample_images(os.environ.get("LOADTEST_IMAGES")))
-R_VALUES: tuple[int, ...] = tuple(
-    int(v) for v in os.environ.get("LOADTEST_R_VALUES", "0,8,16").split(",") if v.strip()
+R_VALUES: tuple[int | str, ...] = tuple(
+    "auto" if v.strip().lower() == "auto" else int(v)
+    for v in os.environ.get("LOADTEST_R_VALUES", "0,8,16,auto").split(",")
+    if v.strip()
 )
 MODEL: str | None = os.environ.get("LOADTEST_MODEL") or None
 API_KEY: str | None = os.environ.get("TOME_API_KEY") or None
@@ -64,7 +67,7 @@ class TomeUser(FastHttpUser):
         self.headers = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
         self.r_values = self._usable_r_values()
 
-    def _usable_r_values(self) -> list[int]:
+    def _usable_r_values(self) -> list[int | str]:
         """The configured r mix, limited to the range the model accepts (GET /models)."""
         with self.client.get(
             "/models", headers=self.headers, name="setup: GET /models", catch_response=True
@@ -76,7 +79,7 @@ class TomeUser(FastHttpUser):
             if entry is None:
                 resp.failure(f"GET /models lists no model {MODEL!r}")
                 return list(R_VALUES)
-        usable = [r for r in R_VALUES if entry["r_min"] <= r <= entry["r_max"]]
+        usable = [r for r in R_VALUES if r == "auto" or entry["r_min"] <= r <= entry["r_max"]]
         return usable or [entry["default_r"]]
 
     @task(9)

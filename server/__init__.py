@@ -15,6 +15,14 @@ One request's path, one file per step:
 - ``middleware.py``  the request id (set once) and the request metrics
 - ``metrics.py``     the Prometheus metrics
 
+r=auto (the server chooses each batch's r to hold a latency target), beside that path:
+
+- ``auto_params.py`` ``r=auto|int``, ``target_ms``, ``max_r``: checked, with the 422 messages
+- ``auto.py``        per model: admission (429 past the floor), the batch's r, what every batch reports
+- ``controller.py``  the decision: the least usable r that keeps queued auto requests on time; hysteresis
+- ``costs.py``       the measured cost table (seconds per r and batch size), warm-up and updates
+- ``auto_metrics.py`` the r=auto metrics and the cost table as gauges
+
 Around it: ``__main__.py`` (the CLI), ``config.py`` (settings), ``app.py`` (wiring and life
 cycle), ``loading.py``/``weights.py``/``models.py``/``labels.py``/``hub.py`` (start-up),
 ``probes.py`` (health, readiness, metrics), ``auth.py`` (API key), ``schemas.py`` (response

@@ -3,8 +3,9 @@
 A :class:`BatchQueue` closes a batch when it holds ``max_batch_size`` items or when its oldest item
 has waited ``batch_wait_timeout_s``, and hands it to the runner (the model's inference worker),
 which computes it and resolves each item's future. At most ``max_concurrent_batches`` batches of one
-queue run at once; the next batch is only formed when a runner can take it, so it can still grow
-meanwhile.
+queue run at once; while all run, up to ``ready_batches`` more are formed ahead, but only full ones,
+so a runner that finishes starts the next batch at once; a partial batch is only formed when a
+runner can take it, so it can still grow meanwhile.
 
 Backpressure: a full queue refuses new items (:class:`~.errors.QueueFull`, with a retry hint). An
 item whose deadline passes while queued fails with :class:`~.errors.DeadlineExceeded` and never
@@ -42,6 +43,10 @@ class BatchPolicy:
     """Items one queue holds; more are refused with 429."""
     max_concurrent_batches: int = 1
     """Batches of one queue that may run at once (one per inference thread that can take them)."""
+    ready_batches: int = 0
+    """Full batches formed ahead while every runner is busy, so a runner that finishes starts the
+    next one at once (no round trip through the event loop). Only full ones: a partial batch is
+    formed when a runner is free, so it can still grow meanwhile."""
 
     def __post_init__(self) -> None:
         if (
@@ -49,6 +54,7 @@ class BatchPolicy:
             or self.max_queue_size < 1
             or self.batch_wait_timeout_s < 0
             or self.max_concurrent_batches < 1
+            or self.ready_batches < 0
         ):
             raise ValueError(f"invalid batch policy {self}")
 
@@ -107,11 +113,16 @@ class BatchQueue:
         self._arrived = asyncio.Event()
         self._closing = False
         self._batch_seconds = 0.0  # moving average, for the retry hint
+        self._last_done = 0.0
         self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"batch-loop-{key}")
 
     @property
     def depth(self) -> int:
         return len(self._items)
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return tuple(self._items)
 
     def check_room(self) -> None:
         if self._closing:
@@ -148,9 +159,12 @@ class BatchQueue:
 
     async def _loop(self) -> None:
         running: set[asyncio.Task[None]] = set()
+        policy = self._policy
         while True:
-            while len(running) >= self._policy.max_concurrent_batches:
+            while len(running) >= policy.max_concurrent_batches + policy.ready_batches:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if len(running) >= policy.max_concurrent_batches:
+                await self._full_or_free(running)
             batch = await self._next_batch()
             if batch is None:
                 break
@@ -159,6 +173,20 @@ class BatchQueue:
                 running.add(task)
                 task.add_done_callback(running.discard)
         await asyncio.gather(*running)
+
+    async def _full_or_free(self, running: set[asyncio.Task[None]]) -> None:
+        """Every runner is busy: wait until a full batch is queued (formed ahead, ready) or a
+        runner is free (then the usual rule applies)."""
+        policy = self._policy
+        while len(self._items) < policy.max_batch_size and not self._closing:
+            if len(running) < policy.max_concurrent_batches:
+                return
+            self._arrived.clear()
+            arrived = asyncio.ensure_future(self._arrived.wait())
+            try:
+                await asyncio.wait({arrived, *running}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrived.cancel()
 
     async def _next_batch(self) -> Batch | None:
         """Wait for the oldest item, then for more until the batch is full or the oldest's wait is
@@ -201,7 +229,8 @@ class BatchQueue:
         return Batch(self.key, r, items, now)
 
     async def _run(self, batch: Batch) -> None:
-        started = time.monotonic()
+        # A batch formed while another ran waited ready for it: it starts when the previous ends.
+        started = max(time.monotonic(), self._last_done)
         try:
             await self._runner(batch)
         except Exception as exc:  # the runner resolves its items; this is the safety net
@@ -210,7 +239,8 @@ class BatchQueue:
                 if item.live:
                     item.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
         finally:
-            elapsed = time.monotonic() - started
+            self._last_done = time.monotonic()
+            elapsed = max(0.0, self._last_done - started)
             previous = self._batch_seconds or elapsed
             self._batch_seconds = 0.8 * previous + 0.2 * elapsed
 
@@ -244,6 +274,11 @@ class Batcher:
     def depth(self, key: QueueKey) -> int:
         queue = self._queues.get(key)
         return queue.depth if queue else 0
+
+    def queued(self, key: QueueKey) -> tuple[Item, ...]:
+        """The items waiting in ``key``'s queue, oldest first (for r=auto's admission)."""
+        queue = self._queues.get(key)
+        return queue.items if queue else ()
 
     def check_room(self, key: QueueKey) -> None:
         """Raise now if an item for ``key`` would be refused, so callers can refuse before doing

@@ -45,8 +45,10 @@ class Settings(BaseSettings):
         description="'pretrained' (model hub, cached under HF_HOME), 'random', or a local weights file",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="model precision (half precision is for GPUs)"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="model precision; auto: bfloat16 where the CPU or GPU computes it natively "
+        "(AVX-512-BF16, AMX, Arm BF16, CUDA compute capability 8+), else float32",
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -75,20 +77,41 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         40_000_000, ge=1, description="largest image (width x height), checked before decoding"
     )
-    default_r: int = Field(
-        16, ge=0, description="r for requests that give none (capped at each model's r_max)"
+    default_r: int | Literal["auto"] = Field(
+        "auto",
+        description="r for requests that give none: 'auto' (r=auto: the least merging that meets the "
+        "latency target) or an integer (capped at each model's r_max)",
     )
     max_r: int | None = Field(None, ge=0, description="cap on r; unset: each model's own maximum")
+    latency_target_ms: float | None = Field(
+        None,
+        description="latency target of r=auto requests; unset: 2 x the measured time of a full batch "
+        "at r=0, rounded up to 10 ms, at most the request timeout",
+    )
+    auto_max_r: int | None = Field(
+        None, ge=0, description="largest r that r=auto may choose; unset: each model's r_max"
+    )
+    auto_warmup_s: float = Field(
+        20.0,
+        ge=0.0,
+        description="start-up budget per model for measuring r=auto's cost table (0: one batch size "
+        "at r=0; real batches fill in the rest)",
+    )
     api_key: SecretStr | None = Field(
         None, description="when set, requests need 'Authorization: Bearer <key>' (prefer the variable)"
     )
-    preprocess_threads: int = Field(2, ge=1, description="threads that decode, resize and crop uploads")
-    instances: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="inference threads per model, each running whole batches; on CPU they split "
-        "torch's threads between them (more throughput, longer batches)",
+    preprocess_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="threads that decode, resize and crop uploads; auto: a quarter of the cores, >= 1"
+    )
+    instances: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto",
+        description="inference threads per model, each running whole batches; auto: on up to 4 CPU "
+        "cores one per core, on more one per 4 cores, on a GPU one",
+    )
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="torch threads of each instance; auto: 1 on up to 4 cores, else 4 "
+        "(or the cores / instances when instances is set)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level"
@@ -107,7 +130,23 @@ class Settings(BaseSettings):
             raise ValueError("--model-kwargs / TOME_MODEL_KWARGS must be a JSON object")
         return value
 
-    @field_validator("max_r", "api_key", mode="before")
+    @field_validator("default_r", mode="before")
+    @classmethod
+    def _auto_or_integer(cls, value: object) -> object:
+        parsed = value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return "auto"
+            try:
+                parsed = int(text)
+            except ValueError:
+                parsed = None
+        if isinstance(parsed, bool) or not isinstance(parsed, int) or parsed < 0:
+            raise ValueError(f"TOME_DEFAULT_R must be 'auto' or a non-negative integer, got {value!r}")
+        return parsed
+
+    @field_validator("max_r", "api_key", "latency_target_ms", "auto_max_r", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -121,11 +160,21 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_r_within_max_r(self) -> Settings:
-        explicit = "default_r" in self.model_fields_set
+        explicit = "default_r" in self.model_fields_set and isinstance(self.default_r, int)
         if explicit and self.max_r is not None and self.default_r > self.max_r:
             raise ValueError(
                 f"--default-r / TOME_DEFAULT_R ({self.default_r}) is above "
                 f"--max-r / TOME_MAX_R ({self.max_r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _target_within_timeout(self) -> Settings:
+        target = self.latency_target_ms
+        if target is not None and not 0 < target <= self.request_timeout_ms:
+            raise ValueError(
+                "--latency-target-ms / TOME_LATENCY_TARGET_MS must be above 0 and at most "
+                f"TOME_REQUEST_TIMEOUT_MS ({self.request_timeout_ms:g}), got {target:g}"
             )
         return self
 

@@ -14,8 +14,10 @@ first, after the work already handed to the threads (``busy_s``: seconds until e
 :class:`Backlog`), and take the cost table's time for their size. A request is on time if its batch
 finishes by ``arrived + target``.
 
-Choice. Requests that would be late even at the strongest allowed r are left out of the criterion
-(they are late whatever we do; letting them force the strongest merge would hurt everyone else).
+Choice. Requests that would be late even at the strongest allowed r have lost their target; they
+count with a fresh target from now (done within one target from now), so they neither force the
+strongest merge (which would hurt everyone else) nor are ignored (a backlog of them would then run
+at r=0 and only grow), and those late even so are left out of the criterion.
 The *needed* r is the smallest usable r (see ``costs``: never a dominated one) that gets every other
 queued request done on time, and whose full batches keep up with the auto arrival rate of the last
 ``rate_window_s`` (counted at admission). The rate term matters under a steady load between two r's
@@ -125,7 +127,9 @@ class AutoController:
         """Count the arrival, and raise :class:`Overloaded` if ``request``, queued behind ``queue``,
         would miss its target even at its floor, although it would meet it on an idle server (when
         not even an idle server can meet a target, refusing cannot help: it is served as fast as its
-        floor allows). Batches are assumed full: under load, later arrivals fill them. ``busy_s``:
+        floor allows). Batches are assumed full (under load, later arrivals fill them), unless one full
+        batch alone misses the target: then the queue's own batches count, else every request would be
+        refused, even on an idle server (seen when the cost table followed a loaded machine). ``busy_s``:
         seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free)."""
         costs, now = self._costs(), self._clock()
         self._arrivals.append(now)
@@ -133,8 +137,12 @@ class AutoController:
         r = costs.fastest_up_to(min(self.max_r, request.max_r), self.max_batch)
         if now + costs.seconds(r, 1) > request.deadline:
             return
-        batches = len(queue) // self.max_batch + 1
-        finish = now + self._batch_ends(costs, busy_s, r, [self.max_batch] * batches)[-1]
+        if now + costs.seconds(r, self.max_batch) <= request.deadline:
+            sizes = [self.max_batch] * (len(queue) // self.max_batch + 1)
+        else:  # not even one full batch meets the target: judge by the queue's own batches
+            waiting = len(queue) + 1
+            sizes = [min(self.max_batch, waiting - start) for start in range(0, waiting, self.max_batch)]
+        finish = now + self._batch_ends(costs, busy_s, r, sizes)[-1]
         if finish > request.deadline:
             raise Overloaded(finish - request.deadline, finish - request.arrived, request.target_s)
 
@@ -160,9 +168,14 @@ class AutoController:
     def _needed_for_targets(
         self, costs: CostModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float]
     ) -> int:
-        """The smallest usable r that gets every savable queued request done on time."""
+        """The smallest usable r that gets every savable queued request done on time. A request
+        late even at the strongest r has lost its target; it must not force the strongest r, but
+        neither may it be ignored (a backlog of such requests, e.g. after a burst that waited in
+        decoding, would otherwise run at r=0 and grow): it counts with a fresh target from now."""
         size = min(len(queue), self.max_batch)
         strongest = costs.fastest_up_to(self.max_r, size)
+        lost = self._on_time(costs, now, queue, busy_s, strongest)
+        queue = [w if ok else Waiting(now, w.target_s, w.max_r) for w, ok in zip(queue, lost, strict=True)]
         savable = self._on_time(costs, now, queue, busy_s, strongest)
         for r in costs.usable(size):
             if r >= strongest:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -43,25 +45,39 @@ class _Forward:
     seconds: float
 
 
+class BatchObserver(Protocol):
+    """Told when a batch's forward pass starts (in the inference thread) and how long it took
+    (None if it raised): r=auto's backlog and cost table follow every batch this way."""
+
+    def started(self) -> None: ...
+
+    def finished(self, seconds: float | None) -> None: ...
+
+
 class InferenceWorker:
     """Owns one :class:`LoadedModel` and the ``instances`` threads that call it."""
 
-    def __init__(self, model: LoadedModel, metrics: Metrics, instances: int = 1) -> None:
+    def __init__(
+        self, model: LoadedModel, metrics: Metrics, instances: int = 1, torch_threads: int | None = None
+    ) -> None:
         self.model = model
         self._metrics = metrics
-        torch_threads = max(1, torch.get_num_threads() // instances)
+        self.instances = instances
+        self.torch_threads = torch_threads or max(1, torch.get_num_threads() // instances)
+        # Each thread sets its own torch thread count (OpenMP's is per thread) and so owns its
+        # own OpenMP team; torch never runs in the decoding threads.
         self._threads = ThreadPoolExecutor(
             max_workers=instances,
             thread_name_prefix=f"infer-{model.name}",
-            initializer=_use_torch_threads if model.device.type == "cpu" and instances > 1 else None,
-            initargs=(torch_threads,),
+            initializer=_use_torch_threads if model.device.type == "cpu" else None,
+            initargs=(self.torch_threads,),
         )
 
-    async def run(self, batch: Batch) -> None:
+    async def run(self, batch: Batch, observer: BatchObserver | None = None) -> None:
         """Compute ``batch`` in an inference thread and resolve each live item's future."""
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._threads, self._compute, batch)
+            results = await loop.run_in_executor(self._threads, self._compute, batch, observer)
         except Exception as exc:  # one failed batch fails its items only; the loop goes on
             log.exception("batch of %d for %s at r=%d failed", len(batch.items), self.model.name, batch.r)
             for item in batch.items:
@@ -80,12 +96,21 @@ class InferenceWorker:
             first.input_tokens - first.output_tokens,
         )
 
-    def _compute(self, batch: Batch) -> list[Result]:
+    def _compute(self, batch: Batch, observer: BatchObserver | None = None) -> list[Result]:
         """Runs in an inference thread."""
         model, items = self.model, batch.items
         top_k = max(item.want.top_k for item in items) if model.num_classes else 0
         trace = any(item.want.merge_map for item in items)
-        out = self._forward(batch.r, [item.pixels for item in items], trace)
+        if observer is not None:
+            observer.started()
+        try:
+            out = self._forward(batch.r, [item.pixels for item in items], trace)
+        except BaseException:
+            if observer is not None:
+                observer.finished(None)
+            raise
+        if observer is not None:
+            observer.finished(out.seconds)
         indices, scores = _top_k(out.logits, top_k)
         results = []
         for i, item in enumerate(items):
@@ -124,12 +149,29 @@ class InferenceWorker:
         return _Forward(logits, info, time.perf_counter() - started)
 
     def warm(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run dummy batches of every size at the default r (and one traced), so the first real
+        """Run dummy batches of every size at the default r (0 for auto; and one traced), so the first real
         requests do not pay for lazy initialisation; blocks until done."""
         shape = self.model.preprocessor.input_size
-        for size, trace in [(size, False) for size in batch_sizes] + [(1, True)]:
-            pixels = [torch.zeros(shape, dtype=torch.uint8)] * size
-            self._threads.submit(self._forward, self.model.default_r, pixels, trace).result()
+        r = self.model.default_r if isinstance(self.model.default_r, int) else 0
+        plan = [([torch.zeros(shape, dtype=torch.uint8)] * size, False) for size in batch_sizes]
+        plan.append(([torch.zeros(shape, dtype=torch.uint8)], True))
+        # Every instance's thread warms (a barrier keeps one thread from taking two turns), so
+        # each thread's OpenMP team and lazily built kernels exist before the first request.
+        barrier = threading.Barrier(self.instances)
+
+        def warm_one() -> None:
+            barrier.wait(timeout=600)
+            for pixels, trace in plan:
+                self._forward(r, pixels, trace)
+
+        for future in [self._threads.submit(warm_one) for _ in range(self.instances)]:
+            future.result()
+
+    def time_batch(self, r: int, batch_size: int) -> float:
+        """Forward seconds of one dummy batch at ``r`` on an inference thread (r=auto's cost table
+        warm-up, so it measures with the threads' own torch thread count); blocks until done."""
+        pixels = [torch.zeros(self.model.preprocessor.input_size, dtype=torch.uint8)] * batch_size
+        return self._threads.submit(self._forward, r, pixels, False).result().seconds
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)

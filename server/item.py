@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     import torch
+
+    from .controller import Waiting
+
+AUTO: Literal["auto"] = "auto"
+"""The r of an r=auto request and of its queue's key: the batch's r is chosen when it is formed."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class QueueKey(NamedTuple):
     formed (see ``batching.BatchQueue``); for a fixed r it is the key's r."""
 
     model: str
-    r: int
+    r: int | Literal["auto"]
 
 
 @dataclass(eq=False)
@@ -41,7 +46,8 @@ class Item:
     """One image on its way through the queue."""
 
     model: str
-    r: int
+    r: int | Literal["auto"]
+    """A fixed r, or AUTO (the batch's r is chosen when the batch is formed)."""
     pixels: torch.Tensor
     """The resized, cropped uint8 [3, H, W] image the model will see."""
     want: Want
@@ -50,6 +56,8 @@ class Item:
     deadline: float
     future: asyncio.Future[Result]
     enqueued_at: float = field(default_factory=time.monotonic)
+    waiting: Waiting | None = None
+    """An r=auto request's arrival, latency target and floor, for the controller; None for fixed r."""
 
     @property
     def key(self) -> QueueKey:
@@ -75,6 +83,7 @@ class Result:
     model: str
     weights: str
     r: int
+    """The r the batch ran at (for r=auto: the one chosen)."""
     predictions: list[Prediction]
     """Best first; empty unless predictions were asked for."""
     merge_map_png: bytes | None

@@ -9,6 +9,7 @@ Any problem raises :class:`StartupError` with a message that says what to do abo
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ import tome
 
 from . import weights as weights_io
 from .config import Settings
+from .hardware import resolve_dtype
 from .labels import class_labels
 from .models import LoadedModel
 from .preprocess import Preprocessor
@@ -36,13 +38,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def load_model(name: str, settings: Settings) -> LoadedModel:
     """Create, load, patch and describe one model (not yet warmed: its worker does that)."""
-    device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)
+    device = resolve_device(settings.device)
+    choice = resolve_dtype(settings.dtype, device)
+    dtype = choice.dtype
     module, weights, notes = _create(name, settings.weights, settings.model_kwargs)
     try:
         tome.patch(module)
@@ -54,12 +54,14 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     r_max, default_r = _r_range(name, tome.largest_useful_r(module), settings, notes)
     for note in notes:
         log.warning("%s: %s", name, note)
+    log.info("%s: %s on %s (%s)", name, str(dtype).removeprefix("torch."), device, choice.reason)
     return LoadedModel(
         name=name,
         module=module,
         weights=weights,
         device=device,
         dtype=dtype,
+        dtype_reason=choice.reason,
         preprocessor=Preprocessor.for_model(module),
         labels=class_labels(module),
         num_tokens=tome.input_tokens(module),
@@ -70,10 +72,11 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     )
 
 
-def _r_range(name: str, useful: int, settings: Settings, notes: list[str]) -> tuple[int, int]:
-    """The model's r range and default r. Settings beyond what the model can use are capped, with a
-    note (logged, and listed by /models) rather than silently; the built-in default r (16) is
-    capped quietly."""
+def _r_range(
+    name: str, useful: int, settings: Settings, notes: list[str]
+) -> tuple[int, int | Literal["auto"]]:
+    """The model's r range and default r (an integer, or "auto"). Settings beyond what the model can
+    use are capped, with a note (logged, and listed by /models) rather than silently."""
     r_max = useful
     if settings.max_r is not None:
         if settings.max_r > useful:
@@ -82,6 +85,8 @@ def _r_range(name: str, useful: int, settings: Settings, notes: list[str]) -> tu
                 f"r is capped at {useful}"
             )
         r_max = min(useful, settings.max_r)
+    if settings.default_r == "auto":
+        return r_max, "auto"
     if settings.default_r > r_max and "default_r" in settings.model_fields_set:
         notes.append(
             f"--default-r / TOME_DEFAULT_R is {settings.default_r}, above the largest r {name} accepts "

@@ -69,7 +69,7 @@ ENDPOINTS = {"/classify": "classify", "/visualize": "visualize"}
 _LABELS_KEY = "tome_metric_labels"
 
 
-def set_metric_labels(state: dict, model: str, r: int) -> None:
+def set_metric_labels(state: dict, model: str, r: int | str) -> None:
     state[_LABELS_KEY] = (model, str(r))
 
 

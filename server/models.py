@@ -8,6 +8,7 @@ and tome-bench agree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -31,9 +32,12 @@ class LoadedModel:
     num_tokens: int
     """Tokens entering the first block, prefix tokens included."""
     r_max: int
-    default_r: int
+    default_r: int | Literal["auto"]
+    """r of a request that names none: an integer, or "auto" (chosen per batch, server/auto.py)."""
     costs: list[tome.RCost]
     notes: list[str] = field(default_factory=list)
+    dtype_reason: str = "set explicitly"
+    """Why the model runs in ``dtype`` (``--dtype auto`` names the hardware feature)."""
 
     @property
     def num_classes(self) -> int:

@@ -19,9 +19,12 @@ from fastapi.responses import Response
 from .errors import ClientGone
 from .item import Result, Want
 from .middleware import set_metric_labels
+from .models import LoadedModel
 from .schemas import (
+    AutoInfo,
     ClassifyResponse,
     ErrorResponse,
+    MeasuredCost,
     ModelInfo,
     ModelsResponse,
     Prediction,
@@ -29,14 +32,26 @@ from .schemas import (
     Timing,
     Tokens,
 )
-from .service import InferenceService
+from .service import Admitted, InferenceService
 from .upload import read_image_bytes
 
 router = APIRouter()
 
 RQuery = Annotated[
-    int | None,
-    Query(ge=0, description="Tokens to merge per block; 0 = no merging. Default and maximum: see /models"),
+    str | None,
+    Query(
+        description="Tokens to merge per block (0 = no merging), or 'auto': the server picks the least "
+        "merging that meets the latency target. Default and maximum: see /models",
+        examples=["auto", "8"],
+    ),
+]
+TargetQuery = Annotated[
+    str | None,
+    Query(description="r=auto only: latency target in ms (default TOME_LATENCY_TARGET_MS, see /models)"),
+]
+MaxRQuery = Annotated[
+    str | None,
+    Query(description="r=auto only: the largest r this request accepts (default TOME_AUTO_MAX_R)"),
 ]
 TopKQuery = Annotated[int | None, Query(ge=1, description="How many predictions to return (default 5)")]
 ModelQuery = Annotated[str | None, Query(description="A loaded model's name (default: the first one)")]
@@ -64,8 +79,8 @@ _ERRORS = {
         404: "Unknown model",
         413: "Upload or image too large",
         415: "Not an image",
-        422: "Bad image, r or top_k",
-        429: "Queue full (see Retry-After)",
+        422: "Bad image, r, target_ms, max_r or top_k",
+        429: "Queue full, or r=auto cannot meet the target even at max_r (see Retry-After)",
         500: "The batch holding this request failed",
         503: "Loading or shutting down",
         504: "No result before TOME_REQUEST_TIMEOUT_MS",
@@ -87,14 +102,20 @@ async def classify(
     r: RQuery = None,
     top_k: TopKQuery = None,
     model: ModelQuery = None,
+    target_ms: TargetQuery = None,
+    max_r: MaxRQuery = None,
 ) -> ClassifyResponse:
-    """Classify an image with the ToMe-patched model at the given r."""
+    """Classify an image with the ToMe-patched model at the given r (or r=auto)."""
     arrived = time.monotonic()
-    result = await _infer(request, service, model, r, Want(top_k=top_k), arrived)
+    admitted, result = await _infer(
+        request, service, model, r, Want(top_k=top_k), arrived, target_ms=target_ms, max_r=max_r
+    )
     return ClassifyResponse(
         model=result.model,
         weights=result.weights,
         r=result.r,
+        r_auto=admitted.auto is not None,
+        target_ms=None if admitted.auto is None else round(admitted.auto.target_s * 1000, 3),
         predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in result.predictions],
         tokens=Tokens(input=result.input_tokens, output=result.output_tokens, per_layer=result.token_counts),
         batch_size=result.batch_size,
@@ -110,16 +131,27 @@ async def classify(
     openapi_extra=_IMAGE_BODY,
 )
 async def visualize(
-    request: Request, service: Service, r: RQuery = None, model: ModelQuery = None
+    request: Request,
+    service: Service,
+    r: RQuery = None,
+    model: ModelQuery = None,
+    target_ms: TargetQuery = None,
+    max_r: MaxRQuery = None,
 ) -> Response:
-    """Draw which patches merged into which token at the given r (PNG, the model's input size)."""
+    """Draw which patches merged into which token at the given r or r=auto (PNG, the model's input
+    size); X-Tome-R says the r used, X-Tome-R-Auto whether the server chose it."""
     arrived = time.monotonic()
-    result = await _infer(request, service, model, r, Want(merge_map=True), arrived)
+    admitted, result = await _infer(
+        request, service, model, r, Want(merge_map=True), arrived, target_ms=target_ms, max_r=max_r
+    )
     timing = _timing(result, arrived)
+    auto = admitted.auto
     headers = {
         "X-Tome-Model": result.model,
         "X-Tome-Weights": quote(result.weights, safe="/:()+,._- "),
         "X-Tome-R": str(result.r),
+        "X-Tome-R-Auto": "1" if auto is not None else "0",
+        **({"X-Tome-Target-Ms": f"{auto.target_s * 1000:g}"} if auto is not None else {}),
         "X-Tome-Tokens-Input": str(result.input_tokens),
         "X-Tome-Tokens-Output": str(result.output_tokens),
         "X-Tome-Batch-Size": str(result.batch_size),
@@ -130,7 +162,8 @@ async def visualize(
 
 @router.get("/models", response_model=ModelsResponse)
 async def models(service: Service) -> ModelsResponse:
-    """The loaded models, the r each accepts, and the analytical cost of every r."""
+    """The loaded models, the r each accepts, the analytical cost of every r, and r=auto's target
+    and measured cost table."""
     default = service.settings.model_names[0]
     return ModelsResponse(
         models=[
@@ -140,6 +173,10 @@ async def models(service: Service) -> ModelsResponse:
                 weights=model.weights,
                 device=str(model.device),
                 dtype=model.dtype_name,
+                dtype_reason=model.dtype_reason,
+                instances=service.workers[model.name].instances,
+                torch_threads=service.workers[model.name].torch_threads,
+                preprocess_threads=service.threads.preprocess_threads,
                 r_min=0,
                 r_max=model.r_max,
                 default_r=model.default_r,
@@ -153,22 +190,42 @@ async def models(service: Service) -> ModelsResponse:
                     RCostInfo(r=c.r, gmacs=c.gmacs, speedup=c.speedup, output_tokens=c.output_tokens)
                     for c in model.costs
                 ],
+                auto=_auto_info(service, model),
             )
             for model in service.models()
         ]
     )
 
 
-async def _infer(
-    request: Request, service: InferenceService, model: str | None, r: int | None, want: Want, arrived: float
-) -> Result:
-    admitted = service.admit(model, r, want)
-    set_metric_labels(request.scope.setdefault("state", {}), admitted.model.name, admitted.r)
-    service.check_room(admitted)  # refuse before reading the upload
-    image = await read_image_bytes(request, service.settings.max_upload_bytes)
-    return await _unless_client_leaves(
-        request, service.infer(admitted.model.name, admitted.r, image, want, arrived)
+def _auto_info(service: InferenceService, model: LoadedModel) -> AutoInfo | None:
+    auto = service.autos.get(model.name)
+    if auto is None:
+        return None
+    gmacs = {c.r: c.gmacs for c in model.costs}
+    return AutoInfo(
+        target_ms=service.targets_ms[model.name],
+        max_r=service.auto_max_r(model),
+        table=[MeasuredCost(**row) for row in auto.table.describe(gmacs)],
     )
+
+
+async def _infer(
+    request: Request,
+    service: InferenceService,
+    model: str | None,
+    r: str | None,
+    want: Want,
+    arrived: float,
+    *,
+    target_ms: str | None,
+    max_r: str | None,
+) -> tuple[Admitted, Result]:
+    admitted = service.admit(model, r, want, target_ms=target_ms, max_r=max_r)
+    set_metric_labels(request.scope.setdefault("state", {}), admitted.model.name, admitted.r)
+    waiting = service.check_room(admitted, arrived)  # refuse before reading the upload
+    image = await read_image_bytes(request, service.settings.max_upload_bytes)
+    result = await _unless_client_leaves(request, service.run(admitted, image, arrived, waiting))
+    return admitted, result
 
 
 T = TypeVar("T")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -26,7 +28,12 @@ class Timing(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     weights: str = Field(description="Where the weights came from: 'pretrained', 'random' or a file path")
-    r: int = Field(description="Tokens merged per block (capped per block at half the mergeable tokens)")
+    r: int = Field(
+        description="Tokens merged per block (capped per block at half the mergeable tokens); for r=auto "
+        "the r the server chose for this request's batch"
+    )
+    r_auto: bool = Field(False, description="True when r was chosen by the server (r=auto)")
+    target_ms: float | None = Field(None, description="Latency target r=auto aimed at; null for a fixed r")
     predictions: list[Prediction]
     tokens: Tokens
     batch_size: int = Field(description="Images in the batch this request was computed in")
@@ -41,18 +48,40 @@ class RCostInfo(BaseModel):
     output_tokens: int
 
 
+class MeasuredCost(BaseModel):
+    r: int
+    gmacs: float | None = Field(description="Analytical GMACs per image at this r (as in costs)")
+    images_per_s: dict[int, float] = Field(
+        description="Measured images/s of one batch, per batch size (warm-up, then real batches)"
+    )
+    dominated_at: list[int] = Field(
+        description="Batch sizes at which this r is not at least 3% faster than every smaller r on this "
+        "machine: r=auto never chooses it there"
+    )
+
+
+class AutoInfo(BaseModel):
+    target_ms: float = Field(description="Latency target of r=auto requests (TOME_LATENCY_TARGET_MS)")
+    max_r: int = Field(description="Largest r r=auto chooses (TOME_AUTO_MAX_R, at most r_max)")
+    table: list[MeasuredCost] = Field(description="The measured cost table r=auto decides from")
+
+
 class ModelInfo(BaseModel):
     name: str
     default: bool = Field(description="Used when a request names no model")
     weights: str
     device: str
     dtype: str
+    dtype_reason: str = Field(description="Why this dtype: 'set explicitly', or what --dtype auto detected")
+    instances: int = Field(description="Inference threads of this model, each running whole batches")
+    torch_threads: int = Field(description="torch threads of each instance")
+    preprocess_threads: int = Field(description="Threads decoding and preprocessing uploads (shared)")
     r_min: int
     r_max: int = Field(
         description="Largest r accepted: the smallest r that leaves the fewest output "
         "tokens merging can leave, or TOME_MAX_R when that is lower"
     )
-    default_r: int
+    default_r: int | Literal["auto"]
     input_size: list[int] = Field(description="[channels, height, width] of the model input")
     patch_size: list[int]
     input_tokens: int
@@ -60,6 +89,7 @@ class ModelInfo(BaseModel):
     num_classes: int = Field(description="0 for a backbone without classifier head (/classify refused)")
     notes: list[str]
     costs: list[RCostInfo] = Field(description="Analytical cost of every r from r_min to r_max")
+    auto: AutoInfo | None = Field(None, description="r=auto: its target, floor and measured cost table")
 
 
 class ModelsResponse(BaseModel):

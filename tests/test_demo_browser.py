@@ -219,6 +219,32 @@ def test_slider_updates_predictions_tokens_and_merge_map(server: str, tmp_path: 
         assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
 
 
+def test_auto_lets_the_server_choose_and_shows_the_r_it_chose(server: str, tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "shapes.png")
+    with chromium() as driver, screenshot_on_exit(driver, "demo-browser-auto"):
+        driver.get(server + "/")
+        wait_until_models_loaded(driver)
+        auto = driver.find_element(By.ID, "r-auto")
+        assert auto.is_selected(), "the server's default r is auto, and the page starts there"
+        assert text(driver, "r-value") == "auto"
+        driver.find_element(By.ID, "file-input").send_keys(str(photo))
+        results = driver.find_element(By.ID, "results")
+        wait_for(driver, lambda d: results.get_attribute("data-r-auto") == "1", "an answer with r=auto")
+        chosen = shown_r(driver)
+        assert chosen is not None and chosen.isdigit()
+        assert text(driver, "r-value") == f"auto: r={chosen}"
+        assert "chosen by the server" in text(driver, "status")
+        # Moving the slider leaves auto for a fixed r.
+        driver.find_element(By.ID, "r-slider").send_keys(Keys.END)
+        assert not auto.is_selected()
+        r_max = driver.find_element(By.ID, "r-slider").get_attribute("max")
+        fixed = results.get_attribute
+        wait_for(driver, lambda d: shown_r(d) == r_max and fixed("data-r-auto") == "0", "the result at r_max")
+        auto.click()
+        wait_for(driver, lambda d: results.get_attribute("data-r-auto") == "1", "auto again")
+        assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []
+
+
 # Answers for r=1 reach the page 1.5 s late, complete (as if they had arrived just before the
 # request was aborted), so only the page's own bookkeeping can keep them from overwriting newer ones.
 DELAY_ANSWERS_FOR_R1 = """
@@ -313,7 +339,7 @@ def test_queue_full_answer_reads_as_advice(server: str, tmp_path: Path) -> None:
         driver.find_element(By.ID, "file-input").send_keys(str(photo))
         wait_for(driver, merge_image_loaded, "the first result")
         driver.execute_script(ANSWER_QUEUE_FULL)
-        driver.find_element(By.ID, "r-slider").send_keys(Keys.ARROW_LEFT)
+        driver.find_element(By.ID, "r-slider").send_keys(Keys.ARROW_RIGHT)  # from auto to a fixed r
         wait_for(driver, lambda d: d.find_element(By.ID, "error").is_displayed(), "an error message")
         expected = "Error 429: the queue for model m at r=3 is full; retry later. Try again in 2 s."
         assert text(driver, "error") == expected

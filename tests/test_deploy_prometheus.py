@@ -34,9 +34,9 @@ AUTO_METRICS = {
     "tome_cost_dominated",
     "tome_auto_capacity_images_per_second",
 }
-# Defined but not yet exported by the server (phase 2 of issue 12 wires them in): the live test skips
-# them until then. Empty this set when the wiring lands.
-NOT_YET_EXPORTED = set(AUTO_METRICS)
+# Metrics defined but not yet exported by the server, which the live test skips. Empty: the r=auto
+# metrics are wired in (issue 12, phase 2); a future metric added to the deploy files first goes here.
+NOT_YET_EXPORTED: set[str] = set()
 
 
 @pytest.mark.parametrize("config", [PROMETHEUS / "prometheus.yml", K8S_SCRAPE], ids=["compose", "kubernetes"])

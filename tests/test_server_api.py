@@ -68,7 +68,9 @@ def scores(body: dict) -> dict[int, float]:
 
 def expected_probabilities(image: Image.Image, r: int) -> torch.Tensor:
     """The same seeded random model, in this process, on the same image: what the server must say."""
-    settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+    settings = Settings(
+        model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu", dtype="float32"
+    )
     loaded = load_model(MODEL, settings)
     timm_transform = create_transform(**loaded.preprocessor.data_config, is_training=False)
     with torch.inference_mode(), tome.merging(r=r):
@@ -91,14 +93,20 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     (info,) = client.get("/models").json()["models"]
     assert info["name"] == MODEL and info["default"] is True
     assert (info["weights"], info["device"], info["dtype"]) == ("random", "cpu", "float32")
-    assert (info["r_min"], info["r_max"], info["default_r"]) == (0, 32, 16)
+    assert info["dtype_reason"] == "set explicitly"
+    assert info["instances"] == 2 and info["torch_threads"] >= 1  # TOME_INSTANCES=2
+    assert info["preprocess_threads"] >= 1
+    assert (info["r_min"], info["r_max"], info["default_r"]) == (0, 32, "auto")
     assert info["input_size"] == [3, 64, 64] and info["patch_size"] == [8, 8]
     assert info["input_tokens"] == TOKENS and info["num_classes"] == 1000
     costs = info["costs"]
     assert [c["r"] for c in costs] == list(range(33))
     model = tome.patch(
         load_model(
-            MODEL, Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+            MODEL,
+            Settings(
+                model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu", dtype="float32"
+            ),
         ).module
     )
     for cost in costs[::8]:
@@ -106,6 +114,16 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
         assert cost["output_tokens"] == tome.token_counts(TOKENS, DEPTH, cost["r"])[-1]
     speedups = [c["speedup"] for c in costs]
     assert speedups[0] == 1.0 and speedups == sorted(speedups) and speedups[-1] > 2
+    # r=auto: the measured table on the cost grid, beside the analytical GMACs.
+    auto = info["auto"]
+    assert auto["max_r"] == 32 and 0 < auto["target_ms"] <= 10_000
+    assert [row["r"] for row in auto["table"]] == list(range(0, 33, 4))
+    for row in auto["table"]:
+        assert row["gmacs"] == pytest.approx(costs[row["r"]]["gmacs"])
+        assert sorted(int(b) for b in row["images_per_s"]) == [1, 2, 4, 8]
+        assert all(speed > 0 for speed in row["images_per_s"].values())
+        assert set(row["dominated_at"]) <= {1, 2, 4, 8}
+    assert auto["table"][0]["dominated_at"] == []  # r=0 is never dominated
 
 
 # -- classify ---------------------------------------------------------------------------------------
@@ -140,7 +158,9 @@ def test_classify_raw_body_default_r_and_given_request_id(client: httpx.Client) 
     )
     body = response.json()
     assert response.status_code == 200, body
-    assert body["r"] == 16 and body["tokens"]["per_layer"] == tome.token_counts(TOKENS, DEPTH, 16)
+    # The default r is auto: the answer says which r the server chose, and its target.
+    assert body["r_auto"] is True and body["target_ms"] > 0 and 0 <= body["r"] <= 32
+    assert body["tokens"]["per_layer"] == tome.token_counts(TOKENS, DEPTH, body["r"])
     assert len(body["predictions"]) == 5 and body["request_id"] == "trace-123"
 
 
@@ -225,7 +245,12 @@ def test_visualize_returns_the_merge_map(client: httpx.Client) -> None:
         image = Image.open(io.BytesIO(response.content))
         assert image.size == (64, 64) and image.mode == "RGB"
         maps[r] = np.asarray(image)
+        assert response.headers["x-tome-r-auto"] == "0" and "x-tome-target-ms" not in response.headers
     assert not np.array_equal(maps[0], maps[16])
+    auto = client.post("/visualize", params={"r": "auto", "target_ms": 5000}, content=encode(photo(5)))
+    assert auto.status_code == 200, auto.text
+    assert auto.headers["x-tome-r-auto"] == "1" and auto.headers["x-tome-target-ms"] == "5000"
+    assert 0 <= int(auto.headers["x-tome-r"]) <= 32
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -272,10 +297,26 @@ def test_oversized_uploads_are_refused(client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("params", "status", "words"),
     [
-        ({"r": -1}, 422, "greater than or equal to 0"),
-        ({"r": 33}, 422, "[0, 32]"),
-        ({"r": "abc"}, 422, "integer"),
-        ({"r": "2.5"}, 422, "integer"),
+        ({"r": -1}, 422, "r must be 'auto' or an integer from 0 to 32 for this model, got '-1'"),
+        ({"r": 33}, 422, "r must be 'auto' or an integer from 0 to 32 for this model, got '33'"),
+        ({"r": "abc"}, 422, "r must be 'auto' or an integer from 0 to 32 for this model, got 'abc'"),
+        ({"r": "2.5"}, 422, "r must be 'auto' or an integer from 0 to 32 for this model, got '2.5'"),
+        (
+            {"r": "auto", "target_ms": "soon"},
+            422,
+            "target_ms must be a number above 0 and at most the request",
+        ),
+        ({"r": "auto", "target_ms": 0}, 422, "target_ms must be a number above 0"),
+        ({"r": "auto", "target_ms": 10_001}, 422, "at most the request timeout (10000 ms"),
+        ({"r": "auto", "max_r": 33}, 422, "max_r must be an integer from 0 to 32 for this model, got 33"),
+        ({"r": "auto", "max_r": -1}, 422, "max_r must be an integer from 0 to 32"),
+        ({"r": "auto", "max_r": "x"}, 422, "max_r must be an integer from 0 to 32 for this model, got 'x'"),
+        (
+            {"r": 8, "target_ms": 100},
+            422,
+            "target_ms and max_r apply to r=auto only; this request asks for r=8",
+        ),
+        ({"r": 8, "max_r": 4}, 422, "apply to r=auto only"),
         ({"top_k": 0}, 422, "greater than or equal to 1"),
         ({"top_k": 1001}, 422, "[1, 1000]"),
         ({"top_k": "many"}, 422, "integer"),
@@ -287,7 +328,9 @@ def test_bad_parameters(client: httpx.Client, params: dict, status: int, words: 
 
 
 def test_visualize_checks_parameters_too(client: httpx.Client) -> None:
-    assert_error(client.post("/visualize", params={"r": 99}, content=encode(photo(8))), 422, "[0, 32]")
+    assert_error(client.post("/visualize", params={"r": 99}, content=encode(photo(8))), 422, "0 to 32")
+    bad_target = {"r": "auto", "target_ms": "-5"}
+    assert_error(client.post("/visualize", params=bad_target, content=encode(photo(8))), 422, "target_ms")
     assert_error(client.post("/visualize", params={"model": "x"}, content=encode(photo(8))), 404, "x")
 
 

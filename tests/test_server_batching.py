@@ -240,3 +240,45 @@ def test_the_planner_sets_r_and_size_when_a_batch_is_formed() -> None:
     runs, seen = asyncio.run(scenario())
     assert runs == [(15, [1, 2]), (13, [3, 4]), (11, [5])]
     assert seen == [[1, 2, 3, 4, 5], [3, 4, 5], [5]]
+
+
+def test_a_full_batch_is_formed_ahead_while_the_runner_is_busy_a_partial_one_is_not() -> None:
+    async def scenario() -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        runner = Recorder()
+        runner.gate.clear()  # the first batch holds the only runner
+        policy = BatchPolicy(max_batch_size=4, batch_wait_timeout_s=0.01, max_queue_size=100, ready_batches=1)
+        batcher = Batcher(policy, runner)
+        first = submit_all(batcher, K, list(range(4)))
+        await asyncio.sleep(0.05)
+        partial = submit_all(batcher, K, [10, 11])
+        await asyncio.sleep(0.1)  # far past the delay: still not formed, the runner is busy
+        while_partial = [payloads for _, payloads, _ in runner.batches]
+        full = submit_all(batcher, K, [12, 13])  # now a full batch is queued: formed ahead at once
+        await asyncio.sleep(0.05)
+        while_full = [payloads for _, payloads, _ in runner.batches]
+        runner.gate.set()
+        await asyncio.gather(*(item.future for item in first + partial + full))
+        await batcher.drain()
+        return while_partial, while_full, [payloads for _, payloads, _ in runner.batches]
+
+    while_partial, while_full, every = asyncio.run(scenario())
+    assert while_partial == [[0, 1, 2, 3]]
+    assert while_full == [[0, 1, 2, 3], [10, 11, 12, 13]]
+    assert every == while_full
+
+
+def test_no_batch_is_formed_ahead_beyond_ready_batches() -> None:
+    async def scenario() -> int:
+        runner = Recorder()
+        runner.gate.clear()
+        policy = BatchPolicy(max_batch_size=2, batch_wait_timeout_s=0.01, max_queue_size=100, ready_batches=1)
+        batcher = Batcher(policy, runner)
+        items = submit_all(batcher, K, list(range(8)))
+        await asyncio.sleep(0.1)
+        formed = len(runner.batches)  # one running, one ready; the other two full batches wait
+        runner.gate.set()
+        await asyncio.gather(*(item.future for item in items))
+        await batcher.drain()
+        return formed
+
+    assert asyncio.run(scenario()) == 2

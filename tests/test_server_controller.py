@@ -289,3 +289,26 @@ def test_backlog_predicts_when_a_lane_frees():
     assert backlog.ahead_s() == pytest.approx(0.0)
     backlog.finish(other)
     assert backlog.ahead_s() == 0.0
+
+
+def test_a_backlog_that_lost_its_target_still_raises_r():
+    """Requests that waited out their target before reaching the queue (e.g. in decoding, under a
+    burst) count with a fresh target from now: a backlog of them is merged through quickly, while one
+    such request alone does not force any merging."""
+    clock = FakeClock()
+    stale = [Waiting(clock() - 1.0, TARGET_S, R_MAX) for _ in range(24)]
+    decision = controller(clock).decide(stale, busy_s=())
+    fresh = controller(clock).decide(queue(clock, 24), busy_s=())
+    assert decision.needed_r == fresh.needed_r > 0
+    assert controller(clock).decide(stale[:1], busy_s=()).r == 0
+
+
+def test_admission_does_not_refuse_an_idle_server_s_work_when_a_full_batch_misses_the_target():
+    """A target below one full batch's time (a cost table that followed a loaded machine): the
+    queue's own batches decide, so an empty server admits, and a long queue still sheds."""
+    clock = FakeClock()
+    target = 0.8 * cpu_like(0, MAX_BATCH)
+    auto = controller(clock)
+    auto.admit([], busy_s=(), request=Waiting(clock(), target, 0))
+    with pytest.raises(Overloaded):
+        auto.admit(queue(clock, 4 * MAX_BATCH, target, 0), busy_s=(), request=Waiting(clock(), target, 0))

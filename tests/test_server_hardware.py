@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tome_serve.hardware import auto_dtype, cpu_bf16_reason, cpu_flags, resolve_dtype
+from tome_serve.hardware import (
+    auto_dtype,
+    cpu_bf16_reason,
+    cpu_flags,
+    plan_threads,
+    resolve_dtype,
+    usable_cores,
+)
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -67,3 +74,46 @@ def test_explicit_choices_pass_through() -> None:
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8", "cpu")
     assert auto_dtype("meta").dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"),
+    [(1, (1, 1, 1)), (2, (2, 1, 1)), (4, (4, 1, 1)), (8, (2, 4, 2)), (16, (4, 4, 4)), (6, (1, 4, 1))],
+)
+def test_auto_threads_follow_the_cores(cores: int, expected: tuple[int, int, int]) -> None:
+    plan = plan_threads("auto", "auto", "auto", "cpu", cores=cores)
+    assert (plan.instances, plan.torch_threads, plan.preprocess_threads) == expected
+    assert f"{cores} cores" in plan.reason
+
+
+def test_explicit_thread_settings_are_kept_and_fill_the_rest() -> None:
+    plan = plan_threads(3, 2, 5, "cpu", cores=8)
+    assert (plan.instances, plan.torch_threads, plan.preprocess_threads) == (3, 2, 5)
+    assert plan.reason == "set explicitly"
+    assert plan_threads(2, "auto", "auto", "cpu", cores=8).torch_threads == 4  # cores / instances
+    assert plan_threads("auto", 2, "auto", "cpu", cores=8).instances == 4  # cores / torch threads
+    assert plan_threads(1, "auto", 1, "cpu", cores=2).torch_threads == 2
+
+
+def test_a_gpu_gets_one_instance() -> None:
+    plan = plan_threads("auto", "auto", "auto", "cuda", cores=8)
+    assert plan.instances == 1 and plan.preprocess_threads == 4
+
+
+def test_settings_take_auto_or_a_positive_integer() -> None:
+    from tome_serve.config import Settings
+
+    settings = Settings(instances="2", torch_threads="auto", _cli_parse_args=[])
+    assert (settings.instances, settings.torch_threads, settings.dtype) == (2, "auto", "auto")
+    with pytest.raises(ValueError):
+        Settings(instances=0)
+
+
+def test_usable_cores_follow_a_cgroup_quota(tmp_path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    unlimited = usable_cores(cpu_max)
+    assert unlimited >= 1
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: rounded up, never above the affinity mask
+    assert usable_cores(cpu_max) == min(2, unlimited)
+    assert usable_cores(tmp_path / "missing") == unlimited

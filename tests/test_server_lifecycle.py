@@ -245,3 +245,18 @@ def test_sigterm_finishes_queued_requests_then_exits() -> None:
         raise AssertionError("the server still answers after SIGTERM")
     except httpx.TransportError:
         pass
+
+
+def test_auto_settings_are_checked_at_start_up() -> None:
+    assert Settings().default_r == "auto" and Settings(default_r=" AUTO ").default_r == "auto"
+    assert Settings(default_r="12").default_r == 12
+    result = run_cli("--default-r", "fast", timeout=60)
+    assert result.returncode == 2
+    assert "TOME_DEFAULT_R must be 'auto' or a non-negative integer, got 'fast'" in result.stderr
+    result = run_cli("--latency-target-ms", "20000", "--request-timeout-ms", "5000", timeout=60)
+    assert result.returncode == 2
+    assert "TOME_LATENCY_TARGET_MS must be above 0 and at most TOME_REQUEST_TIMEOUT_MS (5000)" in (
+        result.stderr
+    )
+    result = run_cli("--auto-max-r", "-1", timeout=60)
+    assert result.returncode == 2 and "auto_max_r" in result.stderr

@@ -15,6 +15,7 @@
     modelMeta: $("model-meta"),
     slider: $("r-slider"),
     rValue: $("r-value"),
+    rAuto: $("r-auto"),
     auth: $("auth"),
     apiKey: $("api-key"),
     results: $("results"),
@@ -165,7 +166,9 @@
     if (!model) return;
     const rMin = Number(model.r_min ?? 0);
     const rMax = Number(model.r_max ?? 0);
-    const wanted = keepR ? Number(ui.slider.value) : Number(model.default_r ?? rMin);
+    const defaultAuto = model.default_r === "auto";
+    if (!keepR) ui.rAuto.checked = defaultAuto;
+    const wanted = keepR || defaultAuto ? Number(ui.slider.value) : Number(model.default_r ?? rMin);
     ui.slider.min = String(rMin);
     ui.slider.max = String(rMax);
     ui.slider.value = String(Math.min(rMax, Math.max(rMin, wanted)));
@@ -198,10 +201,12 @@
   }
 
   // The slider's own readouts come from /models and need no request.
-  function showR() {
-    const r = Number(ui.slider.value);
-    ui.rValue.textContent = String(r);
-    const cost = costAt(currentModel(), r);
+  // With auto, the readouts show the r the server chose for the last answer (none yet: "auto").
+  function showR(chosen = null) {
+    const auto = ui.rAuto.checked;
+    const r = auto ? chosen : Number(ui.slider.value);
+    ui.rValue.textContent = auto ? (r === null ? "auto" : `auto: r=${r}`) : String(r);
+    const cost = r === null ? null : costAt(currentModel(), r);
     const speedup = cost && Number(cost.speedup ?? cost.expected_speedup);
     const gmacs = cost && Number(cost.gmacs);
     ui.speedup.textContent = speedup ? `${speedup.toFixed(2)}×` : "–";
@@ -210,7 +215,9 @@
     ui.gmacs.textContent = gmacs
       ? `${formatGmacs(gmacs)}${baseGmacs ? ` of ${formatGmacs(baseGmacs)}` : ""} GMACs per image`
       : "";
-    ui.slider.setAttribute("aria-valuetext", speedup ? `r ${r}, expected speedup ${speedup.toFixed(2)} times` : `r ${r}`);
+    if (!auto) {
+      ui.slider.setAttribute("aria-valuetext", speedup ? `r ${r}, expected speedup ${speedup.toFixed(2)} times` : `r ${r}`);
+    }
   }
 
   // ---------- requests for the current choice ----------
@@ -228,7 +235,8 @@
     const model = currentModel();
     const file = state.file;
     if (!model || !file) return;
-    const r = Number(ui.slider.value);
+    const auto = ui.rAuto.checked;
+    const r = auto ? "auto" : Number(ui.slider.value);
 
     // A newer choice makes any request still in flight useless: abort it, and check identity
     // after every await so that a late answer can never overwrite a newer one.
@@ -255,7 +263,10 @@
       if (!isCurrent()) return;
       clearError();
       const result = classified ?? resultFromHeaders(merged.headers, r, performance.now() - started);
-      renderResult(result, merged.blob, r, file);
+      // With auto, /classify and /visualize may each get an r of their own: show the map's.
+      const used = auto ? Number(merged.headers.get("X-Tome-R")) : r;
+      if (auto && classified) result.r = used;
+      renderResult(result, merged.blob, used, file, auto);
     } catch (err) {
       if (!isCurrent() || err.name === "AbortError") return;
       controller.abort(); // the sibling request is useless now
@@ -303,10 +314,12 @@
     return `${percent.toPrecision(2)}%`;
   }
 
-  function renderResult(result, mergeBlob, r, file) {
+  function renderResult(result, mergeBlob, r, file, auto = false) {
     const name = file.name || "the image";
     ui.results.classList.remove("stale");
     ui.results.dataset.r = String(result.r ?? r);
+    ui.results.dataset.rAuto = auto ? "1" : "0";
+    if (auto) showR(r);
     ui.results.dataset.model = String(result.model ?? "");
 
     if (state.mergeUrl) URL.revokeObjectURL(state.mergeUrl);
@@ -338,7 +351,8 @@
       ui.predictions.replaceChildren(emptyItem("The server returned no predictions."));
     }
     const took = timing.total != null ? `, ${formatNumber(timing.total)} ms in total` : "";
-    setStatus(`${name}: ${tokens.input ?? "?"} → ${tokens.output ?? "?"} tokens at r=${r}${took}.`);
+    const how = auto ? " (chosen by the server)" : "";
+    setStatus(`${name}: ${tokens.input ?? "?"} → ${tokens.output ?? "?"} tokens at r=${r}${how}${took}.`);
   }
 
   function predictionItem(prediction) {
@@ -383,6 +397,7 @@
     ui.batch.textContent = "";
     ui.predictions.replaceChildren(emptyItem("No predictions yet."));
     delete ui.results.dataset.r;
+    delete ui.results.dataset.rAuto;
     ui.results.classList.remove("stale");
   }
 
@@ -475,8 +490,13 @@
     scheduleRefresh(0);
   });
   ui.slider.addEventListener("input", () => {
+    ui.rAuto.checked = false; // moving the slider picks a fixed r
     showR();
     scheduleRefresh();
+  });
+  ui.rAuto.addEventListener("change", () => {
+    showR();
+    scheduleRefresh(0);
   });
 
   function applyKey() {
