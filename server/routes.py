@@ -1,6 +1,6 @@
 """The inference API: POST /classify, POST /visualize and GET /models.
 
-A route admits the request (refusing it before the upload is read), reads the upload, makes the
+A route admits the request (refusing it before the upload is decoded), reads the upload, makes the
 one service call while watching for the client to hang up, and turns the Result into the answer.
 Errors are exceptions (errors.py) that the app's exception handlers answer.
 """
@@ -16,7 +16,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from .errors import ClientGone
+from .errors import ClientGone, QueueFull
 from .item import Result, Want
 from .middleware import set_metric_labels
 from .models import LoadedModel
@@ -33,7 +33,7 @@ from .schemas import (
     Tokens,
 )
 from .service import Admitted, InferenceService
-from .upload import read_image_bytes
+from .upload import discard_body, read_image_bytes
 
 router = APIRouter()
 
@@ -222,7 +222,11 @@ async def _infer(
 ) -> tuple[Admitted, Result]:
     admitted = service.admit(model, r, want, target_ms=target_ms, max_r=max_r)
     set_metric_labels(request.scope.setdefault("state", {}), admitted.model.name, admitted.r)
-    waiting = service.check_room(admitted, arrived)  # refuse before reading the upload
+    try:
+        waiting = service.check_room(admitted, arrived)  # refuse before using the upload
+    except QueueFull:
+        await discard_body(request, service.settings.max_upload_bytes)
+        raise
     image = await read_image_bytes(request, service.settings.max_upload_bytes)
     result = await _unless_client_leaves(request, service.run(admitted, image, arrived, waiting))
     return admitted, result

@@ -43,6 +43,19 @@ async def read_image_bytes(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def discard_body(request: Request, limit: int) -> None:
+    """Read and drop the body of a request that is refused before its upload is used (429).
+
+    Answering without reading it would make the server close a socket that still holds unread
+    bytes, which the kernel turns into a reset, and the client never sees the 429. Reading costs
+    only the transfer: nothing is kept or decoded. A body over the upload limit is abandoned."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit + MULTIPART_ALLOWANCE:
+            return
+
+
 async def _from_multipart(request: Request, limit: int) -> bytes:
     counted = Request(request.scope, _counting_receive(request.receive, limit + MULTIPART_ALLOWANCE))
     try:

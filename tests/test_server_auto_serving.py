@@ -74,13 +74,8 @@ async def burst(url: str, count: int, query: str) -> list[tuple[int, dict, dict]
         writer.write(head.encode() + image)
     answers = []
     for reader, writer in streams:
-        try:
-            raw = await reader.read()
-        except ConnectionResetError:  # refused (429) before its upload was read, then closed
-            answers.append((0, {}, {}))
-            continue
-        finally:
-            writer.close()
+        raw = await reader.read()  # a refused upload is still read, so every request gets an answer
+        writer.close()
         head, _, body = raw.partition(b"\r\n\r\n")
         lines = head.decode().split("\r\n")
         headers = dict(line.lower().split(": ", 1) for line in lines[1:])
@@ -105,14 +100,17 @@ def test_a_burst_raises_r_and_quiet_brings_it_back_to_zero(url: str) -> None:
     if usable_at_full_batch(info)[-1] == 0:
         pytest.skip(f"the measured cost table has no r > 0 faster than r=0 at batch {MAX_BATCH}: {info}")
 
-    answers = asyncio.run(burst(url, 96, "r=auto"))
+    # A target of three full r=0 batches (from the server's own table): a burst of twelve batches
+    # cannot be met at r=0, however fast this machine decodes the uploads in between.
+    r0 = next(row for row in info["table"] if row["r"] == 0)
+    target_ms = max(1, round(3 * MAX_BATCH / r0["images_per_s"][str(MAX_BATCH)] * 1000))
+    answers = asyncio.run(burst(url, 96, f"r=auto&target_ms={target_ms}"))
     codes = [status for status, _, _ in answers]
-    # 0: the server refused before reading the upload and the reset lost its answer (a 429, see below)
-    assert set(codes) <= {0, 200, 429}, [body for status, _, body in answers if status not in (0, 200, 429)]
+    assert set(codes) <= {200, 429}, [body for status, _, body in answers if status not in (200, 429)]
     for _, headers, body in (a for a in answers if a[0] == 429):
         assert int(headers["retry-after"]) >= 1 and "r=auto" in body["detail"]
     bodies = [body for status, _, body in answers if status == 200]
-    assert bodies and all(body["r_auto"] and body["target_ms"] == info["target_ms"] for body in bodies)
+    assert bodies and all(body["r_auto"] and body["target_ms"] == target_ms for body in bodies)
     chosen = [body["r"] for body in bodies]
     assert max(chosen) > 0, chosen  # the backlog made the server merge
     assert set(chosen) <= set(range(0, info["max_r"] + 1, 4)) | {info["max_r"]}
@@ -136,7 +134,7 @@ def test_a_burst_raises_r_and_quiet_brings_it_back_to_zero(url: str) -> None:
         len(bodies) + 2 * MAX_BATCH
     )
     shed = samples.get(("tome_auto_requests_total", "shed"), 0)
-    assert codes.count(429) <= shed == codes.count(429) + codes.count(0)
+    assert shed == codes.count(429)
     assert samples[("tome_auto_r_count", None)] == len(bodies) + 2 * MAX_BATCH
     assert samples[("tome_auto_r_sum", None)] == sum(chosen)
 
