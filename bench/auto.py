@@ -33,7 +33,15 @@ import httpx
 import numpy as np
 import torch
 
-from .serve import Outcome, closed_loop, open_loop, start_server, summarize, test_image
+from .serve import (
+    Outcome,
+    add_server_model_arguments,
+    closed_loop,
+    open_loop,
+    start_server,
+    summarize,
+    test_image,
+)
 
 AUTO = "auto"
 
@@ -136,10 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--weights", default="random", help="as the server's --weights")
-    parser.add_argument("--model-kwargs", default="{}", help="JSON, as the server's --model-kwargs")
-    parser.add_argument("--device", default="cpu")
+    add_server_model_arguments(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=8, help="server TOME_MAX_BATCH_SIZE")
     parser.add_argument("--max-delay-ms", type=float, default=5.0)

@@ -451,14 +451,19 @@ def test_image(path: str | None, size: int) -> tuple[Image.Image, bytes]:
     return image, buffer.getvalue()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_server_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options every benchmark that starts a server passes on to it."""
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--weights", default="random", help="as the server's --weights")
     parser.add_argument("--model-kwargs", default="{}", help="JSON, as the server's --model-kwargs")
     parser.add_argument("--device", default="cpu")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_model_arguments(parser)
     parser.add_argument(
         "--dtype",
         default="auto",
