@@ -3,13 +3,14 @@
     python -m tome_bench.soak --requests 100000 --dtype bfloat16 --batch-size 8 --clients 16 \\
         --r-cycle 0,8,16 --r-period 30 [--env MALLOC_ARENA_MAX=2] [--out artifacts/soak.json]
 
-Starts ``python -m tome_serve`` (ViT-S/16, random weights by default), then ``--clients`` closed-loop
-keep-alive clients POST a JPEG back to back; every ``--r-period`` seconds all of them move to the next
-r of ``--r-cycle``, until ``--requests`` are answered or ``--minutes`` have passed. Every ``--sample-seconds`` the server's resident set (VmRSS of the process and
-its children, from /proc) is recorded beside the number of requests answered so far. The verdict
-compares the resident set at the middle of the run (by requests) with the end: issue 11 asks for
-less than 2% growth over the second half of a run of at least 100,000 requests. ``--env`` passes
-extra environment variables to the server (allocator experiments: MALLOC_ARENA_MAX, LD_PRELOAD).
+Starts ``python -m tome_serve`` (ViT-S/16, random weights by default), then ``--clients``
+closed-loop keep-alive clients POST a JPEG back to back; every ``--r-period`` seconds all of them
+move to the next r of ``--r-cycle``, until ``--requests`` are answered or ``--minutes`` have passed.
+Every ``--sample-seconds`` the server's resident set (VmRSS of the process and its children, from
+/proc) is recorded beside the number of requests answered so far. The verdict compares the resident
+set at the middle of the run (by requests) with the end: issue 11 asks for less than 2% growth over
+the second half of a run of at least 100,000 requests. ``--env`` passes extra environment variables
+to the server (allocator experiments: MALLOC_ARENA_MAX, LD_PRELOAD).
 """
 
 from __future__ import annotations
