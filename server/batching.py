@@ -1,13 +1,15 @@
 """Dynamic batching: one bounded queue per (model, r), each turning its items into batches.
 
 A :class:`BatchQueue` closes a batch when it holds ``max_batch_size`` items or when its oldest item
-has waited ``batch_wait_timeout_s``, and hands it to the runner (the model's inference worker),
+has waited ``batch_wait_timeout_s`` and no item for it is still on its way (reserved while its
+image is decoded, :meth:`Batcher.reserve`), and hands it to the runner (the model's inference worker),
 which computes it and resolves each item's future. At most ``max_concurrent_batches`` batches of one
 queue run at once; while all run, up to ``ready_batches`` more are formed ahead, but only full ones,
 so a runner that finishes starts the next batch at once; a partial batch is only formed when a
 runner can take it, so it can still grow meanwhile.
 
-Backpressure: a full queue refuses new items (:class:`~.errors.QueueFull`, with a retry hint). An
+Backpressure: a full queue refuses new items (:class:`~.errors.QueueFull`, with a retry hint);
+items on their way count against its room, so decoding never piles up beyond it. An
 item whose deadline passes while queued fails with :class:`~.errors.DeadlineExceeded` and never
 reaches the runner; an item its caller gave up on (:meth:`Batcher.withdraw`) is dropped the same way.
 
@@ -110,6 +112,8 @@ class BatchQueue:
         self._on_depth = on_depth
         self._plan = plan
         self._items: deque[Item] = deque()
+        self._coming = 0
+        """Reserved items on their way (their images are being decoded)."""
         self._arrived = asyncio.Event()
         self._closing = False
         self._batch_seconds = 0.0  # moving average, for the retry hint
@@ -127,13 +131,24 @@ class BatchQueue:
     def check_room(self) -> None:
         if self._closing:
             raise _shutting_down()
-        if len(self._items) >= self._policy.max_queue_size:
+        if len(self._items) + self._coming >= self._policy.max_queue_size:
             model, r = self.key
             detail = f"the queue for model {model} at r={r} is full; retry later"
             raise QueueFull(detail, self.retry_after_s())
 
-    def put(self, item: Item) -> None:
+    def reserve(self) -> None:
         self.check_room()
+        self._coming += 1
+
+    def release(self) -> None:
+        self._coming -= 1
+        self._changed()
+
+    def put(self, item: Item, reserved: bool = False) -> None:
+        if reserved:
+            self._coming -= 1
+        else:
+            self.check_room()
         self._items.append(item)
         self._changed()
 
@@ -190,22 +205,25 @@ class BatchQueue:
 
     async def _next_batch(self) -> Batch | None:
         """Wait for the oldest item, then for more until the batch is full or the oldest's wait is
-        up. None once closing and empty; a batch without items if every item taken had expired."""
+        up and nothing is on its way. None once closing and empty; a batch without items if every
+        item taken had expired."""
         while not self._items:
-            if self._closing:
+            if self._closing and not self._coming:  # a reserved item still comes while draining
                 return None
             self._arrived.clear()
             await self._arrived.wait()
         close_at = self._items[0].enqueued_at + self._policy.batch_wait_timeout_s
         while len(self._items) < self._policy.max_batch_size and not self._closing:
             remaining = close_at - time.monotonic()
-            if remaining <= 0:
+            # An item still being decoded arrives within a decode's time: closing the batch
+            # without it would run a partial batch and leave it for the next one.
+            if remaining <= 0 and not self._coming:
                 break
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrived.wait(), remaining if remaining > 0 else None)
             except TimeoutError:
-                break
+                continue  # the wait is up: the batch closes unless an item is on its way
             if not self._items:  # every item was withdrawn while we waited
                 break
         return self._take()
@@ -289,8 +307,17 @@ class Batcher:
         if queue is not None:
             queue.check_room()
 
-    def submit(self, item: Item) -> None:
-        self._queue(item.key).put(item)
+    def reserve(self, key: QueueKey) -> None:
+        """Hold a place in ``key``'s queue for an item on its way (its image is being decoded):
+        raises like :meth:`check_room` if there is none. Then :meth:`submit` the item with
+        ``reserved=True``, or :meth:`release` the place if it will not come."""
+        self._queue(key).reserve()
+
+    def release(self, key: QueueKey) -> None:
+        self._queues[key].release()
+
+    def submit(self, item: Item, reserved: bool = False) -> None:
+        self._queue(item.key).put(item, reserved)
 
     def withdraw(self, item: Item) -> None:
         """The caller gave up on ``item``: drop it from its queue and never deliver its result."""

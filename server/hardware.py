@@ -106,6 +106,9 @@ class ThreadPlan:
     torch_threads: int
     preprocess_threads: int
     reason: str
+    decode_between_batches: bool = False
+    """Decoding waits while a forward pass runs (see ``inference.ForwardGate``): set when one
+    instance's torch threads take every core."""
 
 
 SMALL_CPU_CORES = 4
@@ -146,6 +149,10 @@ def plan_threads(
     :data:`THREADS_PER_INSTANCE` threads. Preprocessing gets a quarter of the cores (at least one):
     decoding and resizing a typical upload costs 2-5 % of the model's time per image. On a GPU one
     instance feeds the device and the CPU threads decode.
+
+    One CPU instance whose torch threads take every core (``TOME_INSTANCES=1`` on a small CPU) has
+    its images decoded between its batches instead of beside them, by as many preprocessing
+    threads as torch threads.
     """
     cores = usable_cores() if cores is None else max(1, cores)
     why: list[str] = []
@@ -167,7 +174,10 @@ def plan_threads(
         t = max(1, cores // n) if torch_threads == "auto" else int(torch_threads)
         if torch_threads == "auto":
             why.append(f"{cores} cores / {n} instance(s): {t} torch thread(s) each")
-    p = max(1, cores // 4) if preprocess_threads == "auto" else int(preprocess_threads)
+    between = n == 1 and 1 < t and cores <= t  # no core is left for decoding beside the pass
+    p = (t if between else max(1, cores // 4)) if preprocess_threads == "auto" else int(preprocess_threads)
     if preprocess_threads == "auto":
         why.append(f"{p} preprocessing thread(s)")
-    return ThreadPlan(n, t, p, "; ".join(why) or "set explicitly")
+    if between:
+        why.append("one instance takes every core: images are decoded between its batches")
+    return ThreadPlan(n, t, p, "; ".join(why) or "set explicitly", between)

@@ -18,7 +18,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,14 +56,61 @@ class BatchObserver(Protocol):
     def finished(self, seconds: float | None) -> None: ...
 
 
+class ForwardGate:
+    """Lets decoding wait while a forward pass runs, where one instance's torch threads take
+    several cores (``ThreadPlan.decode_between_batches``).
+
+    Such a pass is an OpenMP team that synchronises at every kernel, hundreds of times per batch:
+    a decode that takes one of its cores for a moment stalls the whole team meanwhile, so the same
+    decode costs less between batches than beside them. A decode waits at most ``max_wait_s``
+    (the passes of several models may follow each other without a gap). With ``hold`` False
+    nothing ever waits."""
+
+    def __init__(self, hold: bool, max_wait_s: float = 1.0) -> None:
+        self.hold = hold
+        self._max_wait_s = max_wait_s
+        self._lock = threading.Lock()
+        self._running = 0
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        """Around a forward pass (in an inference thread)."""
+        if not self.hold:
+            yield
+            return
+        with self._lock:
+            self._running += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+
+    def wait(self) -> None:
+        """Before decoding (in a decoding thread): until no forward pass runs, or the wait is up."""
+        if self.hold:
+            self._idle.wait(self._max_wait_s)
+
+
 class InferenceWorker:
     """Owns one :class:`LoadedModel` and the ``instances`` threads that call it."""
 
     def __init__(
-        self, model: LoadedModel, metrics: Metrics, instances: int = 1, torch_threads: int | None = None
+        self,
+        model: LoadedModel,
+        metrics: Metrics,
+        instances: int = 1,
+        torch_threads: int | None = None,
+        gate: ForwardGate | None = None,
     ) -> None:
         self.model = model
         self._metrics = metrics
+        self._gate = gate or ForwardGate(hold=False)
         self.instances = instances
         self.torch_threads = torch_threads or max(1, torch.get_num_threads() // instances)
         # Each thread sets its own torch thread count (OpenMP's is per thread) and so owns its
@@ -141,7 +190,8 @@ class InferenceWorker:
     def _forward(self, r: int, pixels: list[torch.Tensor], trace_source: bool) -> _Forward:
         model = self.model
         started = time.perf_counter()
-        with torch.inference_mode(), tome.merging(r=r, trace_source=trace_source) as info:
+        merging = tome.merging(r=r, trace_source=trace_source)
+        with self._gate.forward(), torch.inference_mode(), merging as info:
             batch = torch.stack(pixels).to(device=model.device, non_blocking=True)
             logits = model.module(model.preprocessor.normalize(batch, model.dtype))
             if model.device.type == "cuda":

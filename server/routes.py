@@ -177,6 +177,7 @@ async def models(service: Service) -> ModelsResponse:
                 instances=service.workers[model.name].instances,
                 torch_threads=service.workers[model.name].torch_threads,
                 preprocess_threads=service.threads.preprocess_threads,
+                decode_between_batches=service.threads.decode_between_batches,
                 r_min=0,
                 r_max=model.r_max,
                 default_r=model.default_r,

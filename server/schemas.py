@@ -76,6 +76,9 @@ class ModelInfo(BaseModel):
     instances: int = Field(description="Inference threads of this model, each running whole batches")
     torch_threads: int = Field(description="torch threads of each instance")
     preprocess_threads: int = Field(description="Threads decoding and preprocessing uploads (shared)")
+    decode_between_batches: bool = Field(
+        description="Uploads are decoded while no forward pass runs (one instance taking every core)"
+    )
     r_min: int
     r_max: int = Field(
         description="Largest r accepted: the smallest r that leaves the fewest output "

@@ -35,7 +35,7 @@ from .costs import CostTable
 from .decode import decode_image
 from .errors import BadRequest, DeadlineExceeded, QueueFull, Unavailable, UnknownModel
 from .hardware import ThreadPlan, plan_threads
-from .inference import InferenceWorker
+from .inference import ForwardGate, InferenceWorker
 from .item import AUTO, Item, QueueKey, Result, Want
 from .loading import StartupError, load_model, resolve_device
 from .metrics import Metrics
@@ -105,6 +105,7 @@ class InferenceService:
         )
         self.batcher = Batcher(policy, self._run_batch, self._record_depth, self._plan)
         self._decode_pool = ThreadPoolExecutor(self.threads.preprocess_threads, thread_name_prefix="decode")
+        self._gate = ForwardGate(hold=self.threads.decode_between_batches)
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -133,9 +134,14 @@ class InferenceService:
     ) -> Result:
         """The rest of :meth:`infer` for a request already admitted and checked (``waiting`` is
         what :meth:`check_room` returned): decode, queue, wait for the batch."""
-        pixels = await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, self._prepare, admitted.model, image
-        )
+        self.batcher.reserve(admitted.key)  # its batch waits for it while it decodes
+        try:
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, self._prepare, admitted.model, image
+            )
+        except BaseException:
+            self.batcher.release(admitted.key)
+            raise
         item = Item(
             model=admitted.model.name,
             r=admitted.r,
@@ -146,7 +152,7 @@ class InferenceService:
             future=asyncio.get_running_loop().create_future(),
             waiting=waiting,
         )
-        self.batcher.submit(item)
+        self.batcher.submit(item, reserved=True)
         auto = self.autos.get(item.model) if admitted.auto is not None else None
         try:
             async with asyncio.timeout_at(_loop_time(item.deadline)):
@@ -240,6 +246,7 @@ class InferenceService:
 
     def _prepare(self, model: LoadedModel, image: bytes) -> torch.Tensor:
         """Runs in a decoding thread: bytes -> the uint8 model input; raises errors.ImageError."""
+        self._gate.wait()
         reduce_to = model.preprocessor.resize_short_side  # JPEGs much larger than that decode at 1/2..1/8
         return model.preprocessor(decode_image(image, self.settings.max_pixels, reduce_to=reduce_to))
 
@@ -318,6 +325,7 @@ class InferenceService:
                 self.metrics,
                 self.threads.instances,
                 self.threads.torch_threads,
+                self._gate,
             )
             worker.warm(sizes)
             self._warm_auto(worker)

@@ -95,7 +95,7 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     assert (info["weights"], info["device"], info["dtype"]) == ("random", "cpu", "float32")
     assert info["dtype_reason"] == "set explicitly"
     assert info["instances"] == 2 and info["torch_threads"] >= 1  # TOME_INSTANCES=2
-    assert info["preprocess_threads"] >= 1
+    assert info["preprocess_threads"] >= 1 and info["decode_between_batches"] is False
     assert (info["r_min"], info["r_max"], info["default_r"]) == (0, 32, "auto")
     assert info["input_size"] == [3, 64, 64] and info["patch_size"] == [8, 8]
     assert info["input_tokens"] == TOKENS and info["num_classes"] == 1000

@@ -124,6 +124,56 @@ def test_full_queue_refuses_with_retry_hint() -> None:
     asyncio.run(scenario())
 
 
+def _item(key: QueueKey, payload: int) -> Item:
+    now = time.monotonic()
+    future = asyncio.get_running_loop().create_future()
+    return Item(key.model, key.r, payload, Want(top_k=1), now, now + FAR, future)  # type: ignore[arg-type]
+
+
+def test_a_batch_waits_past_its_delay_for_an_item_still_being_decoded() -> None:
+    async def scenario() -> None:
+        runner = Recorder()
+        batcher = Batcher(BatchPolicy(max_batch_size=4, batch_wait_timeout_s=0.02, max_queue_size=8), runner)
+        batcher.reserve(K)  # an upload whose image is still being decoded
+        first = submit_all(batcher, K, [1])
+        await asyncio.sleep(0.15)  # well past the 20 ms delay
+        assert runner.batches == []
+        late = _item(K, 2)
+        batcher.submit(late, reserved=True)
+        assert await asyncio.gather(first[0].future, late.future) == [10, 20]
+        assert [payloads for _, payloads, _ in runner.batches] == [[1, 2]]
+        batcher.reserve(K)  # one that failed to decode: the batch goes once its place is released
+        alone = submit_all(batcher, K, [3])
+        await asyncio.sleep(0.1)
+        batcher.release(K)
+        assert await alone[0].future == 30
+        await batcher.drain()
+
+    asyncio.run(scenario())
+
+
+def test_reserved_places_count_against_the_queue_and_still_arrive_while_draining() -> None:
+    async def scenario() -> None:
+        runner = Recorder()
+        batcher = Batcher(BatchPolicy(max_batch_size=4, batch_wait_timeout_s=0.01, max_queue_size=2), runner)
+        batcher.reserve(K)
+        batcher.reserve(K)
+        with pytest.raises(QueueFull):
+            batcher.check_room(K)
+        with pytest.raises(QueueFull):
+            batcher.reserve(K)
+        draining = asyncio.create_task(batcher.drain())
+        await asyncio.sleep(0.05)
+        assert not draining.done()  # two images are on their way
+        items = [_item(K, 1), _item(K, 2)]
+        for item in items:
+            batcher.submit(item, reserved=True)
+        await draining
+        assert [item.future.result() for item in items] == [10, 20]
+
+    asyncio.run(scenario())
+
+
 def test_expired_item_is_failed_without_being_computed() -> None:
     async def scenario() -> None:
         runner = Recorder()

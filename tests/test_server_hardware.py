@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from tome_serve.hardware import (
     resolve_dtype,
     usable_cores,
 )
+from tome_serve.inference import ForwardGate
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -93,6 +95,34 @@ def test_explicit_thread_settings_are_kept_and_fill_the_rest() -> None:
     assert plan_threads(2, "auto", "auto", "cpu", cores=8).torch_threads == 4  # cores / instances
     assert plan_threads("auto", 2, "auto", "cpu", cores=8).instances == 4  # cores / torch threads
     assert plan_threads(1, "auto", 1, "cpu", cores=2).torch_threads == 2
+
+
+def test_one_instance_taking_every_core_decodes_between_its_batches() -> None:
+    one = plan_threads(1, "auto", "auto", "cpu", cores=2)
+    assert (one.torch_threads, one.preprocess_threads, one.decode_between_batches) == (2, 2, True)
+    assert "decoded between its batches" in one.reason
+    assert not plan_threads("auto", "auto", "auto", "cpu", cores=2).decode_between_batches
+    assert not plan_threads(1, 4, "auto", "cpu", cores=6).decode_between_batches  # 2 cores spare
+    assert not plan_threads(1, "auto", "auto", "cuda", cores=2).decode_between_batches
+
+
+def test_a_decode_waits_for_the_running_forward_pass_only_when_the_gate_holds() -> None:
+    gate = ForwardGate(hold=True, max_wait_s=30)
+    order: list[str] = []
+    decoding = threading.Thread(target=lambda: (gate.wait(), order.append("decoded")))
+    with gate.forward():
+        decoding.start()
+        decoding.join(0.2)
+        assert decoding.is_alive()  # held while the pass runs
+        order.append("forward done")
+    decoding.join(5)
+    assert order == ["forward done", "decoded"]
+    open_gate = ForwardGate(hold=False)
+    with open_gate.forward():
+        open_gate.wait()  # returns at once
+    bounded = ForwardGate(hold=True, max_wait_s=0.05)
+    with bounded.forward():
+        bounded.wait()  # gives up after max_wait_s instead of starving
 
 
 def test_a_gpu_gets_one_instance() -> None:

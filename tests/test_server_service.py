@@ -14,6 +14,7 @@ from serverutil import TINY_MODEL_KWARGS
 from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.errors import BadRequest, DeadlineExceeded, ImageError, Unavailable, UnknownModel
+from tome_serve.hardware import usable_cores
 from tome_serve.item import Result, Want
 from tome_serve.service import InferenceService
 
@@ -81,3 +82,37 @@ def test_a_request_admitted_before_the_drain_still_finishes(client: TestClient) 
         service.admit(None, 4, Want(top_k=1))  # a new request is refused...
     result = client.portal.call(service.infer, None, 4, png((5, 5, 5)), Want(top_k=1))
     assert len(result.predictions) == 1  # ...one whose upload was still arriving is answered
+
+
+def test_one_instance_on_every_core_decodes_between_batches_and_still_fills_them() -> None:
+    """With one instance whose torch threads take every core, uploads are decoded while no forward
+    pass runs; the batcher waits for images still being decoded, so a burst still runs as full
+    batches, and an image that fails to decode gives up its place without holding up the rest."""
+    settings = Settings(
+        model=MODEL,
+        weights="random",
+        model_kwargs=TINY_MODEL_KWARGS,
+        device="cpu",
+        instances=1,
+        torch_threads=max(2, usable_cores()),
+        max_delay_ms=1,  # shorter than the burst takes to decode
+    )
+    with TestClient(create_app(settings)) as client:
+        service: InferenceService = client.app.state.service
+        assert service.threads.decode_between_batches
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        async def burst() -> list[Result | BaseException]:
+            images = [png((i * 15, 40, 90)) for i in range(16)]
+            images[11] = b"\xff\xd8 not really a jpeg"
+            calls = [service.infer(None, 4, image, Want(top_k=1)) for image in images]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = client.portal.call(burst)
+    assert isinstance(results[11], ImageError)
+    answered = [result for i, result in enumerate(results) if i != 11]
+    assert all(isinstance(result, Result) for result in answered)
+    assert sorted({result.batch_size for result in answered}) == [7, 8]
