@@ -174,7 +174,7 @@ def plan_threads(
         t = max(1, cores // n) if torch_threads == "auto" else int(torch_threads)
         if torch_threads == "auto":
             why.append(f"{cores} cores / {n} instance(s): {t} torch thread(s) each")
-    between = n == 1 and 1 < t and cores <= t  # no core is left for decoding beside the pass
+    between = n == 1 and t > 1 and cores <= t  # no core is left for decoding beside the pass
     p = (t if between else max(1, cores // 4)) if preprocess_threads == "auto" else int(preprocess_threads)
     if preprocess_threads == "auto":
         why.append(f"{p} preprocessing thread(s)")

@@ -58,7 +58,7 @@ class BatchObserver(Protocol):
 
 class ForwardGate:
     """Lets decoding wait while a forward pass runs, where one instance's torch threads take
-    several cores (``ThreadPlan.decode_between_batches``).
+    every core (``ThreadPlan.decode_between_batches``).
 
     Such a pass is an OpenMP team that synchronises at every kernel, hundreds of times per batch:
     a decode that takes one of its cores for a moment stalls the whole team meanwhile, so the same

@@ -297,8 +297,8 @@ class InferenceService:
         # Loading runs torch kernels, which give the loading thread an OpenMP team of its own, and
         # that team lives as long as its thread. A pooled thread (asyncio.to_thread) would keep it
         # for good, and while libgomp manages more threads than there are cores it makes every
-        # team sleep between kernels instead of spinning: one instance of 2 torch threads on 2
-        # cores fell to 0.83 of the direct model. So the loader gets a thread that then ends.
+        # team sleep between kernels instead of spinning (2 torch threads on 2 cores, no server:
+        # 50 -> 41.5 img/s beside one idle team). So the loader gets a thread that then ends.
         loading = ThreadPoolExecutor(1, thread_name_prefix="load")
         try:
             workers = await asyncio.get_running_loop().run_in_executor(loading, self._load_all)
