@@ -28,10 +28,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import BatchFailed, DeadlineExceeded, QueueFull, Unavailable
 from .item import Item, QueueKey
+
+if TYPE_CHECKING:
+    from .controller import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,8 @@ class BatchQueue:
         self._on_depth = on_depth
         self._plan = plan
         self._items: deque[Item] = deque()
-        self._coming = 0
-        """Reserved items on their way (their images are being decoded)."""
+        self._coming: list[Waiting | None] = []
+        """The ``waiting`` of each reserved item on its way (its image is being decoded)."""
         self._arrived = asyncio.Event()
         self._closing = False
         self._batch_seconds = 0.0  # moving average, for the retry hint
@@ -131,22 +134,26 @@ class BatchQueue:
     def check_room(self) -> None:
         if self._closing:
             raise _shutting_down()
-        if len(self._items) + self._coming >= self._policy.max_queue_size:
+        if len(self._items) + len(self._coming) >= self._policy.max_queue_size:
             model, r = self.key
             detail = f"the queue for model {model} at r={r} is full; retry later"
             raise QueueFull(detail, self.retry_after_s())
 
-    def reserve(self) -> None:
-        self.check_room()
-        self._coming += 1
+    @property
+    def coming(self) -> tuple[Waiting | None, ...]:
+        return tuple(self._coming)
 
-    def release(self) -> None:
-        self._coming -= 1
+    def reserve(self, waiting: Waiting | None) -> None:
+        self.check_room()
+        self._coming.append(waiting)
+
+    def release(self, waiting: Waiting | None) -> None:
+        self._coming.remove(waiting)
         self._changed()
 
     def put(self, item: Item, reserved: bool = False) -> None:
         if reserved:
-            self._coming -= 1
+            self._coming.remove(item.waiting)
         else:
             self.check_room()
         self._items.append(item)
@@ -307,14 +314,20 @@ class Batcher:
         if queue is not None:
             queue.check_room()
 
-    def reserve(self, key: QueueKey) -> None:
-        """Hold a place in ``key``'s queue for an item on its way (its image is being decoded):
-        raises like :meth:`check_room` if there is none. Then :meth:`submit` the item with
-        ``reserved=True``, or :meth:`release` the place if it will not come."""
-        self._queue(key).reserve()
+    def coming(self, key: QueueKey) -> tuple[Waiting | None, ...]:
+        """The ``waiting`` of each item reserved in ``key``'s queue and still on its way."""
+        queue = self._queues.get(key)
+        return queue.coming if queue else ()
 
-    def release(self, key: QueueKey) -> None:
-        self._queues[key].release()
+    def reserve(self, key: QueueKey, waiting: Waiting | None = None) -> None:
+        """Hold a place in ``key``'s queue for an item on its way (its image is being decoded),
+        with the item's ``waiting``: raises like :meth:`check_room` if there is none. Then
+        :meth:`submit` the item with ``reserved=True``, or :meth:`release` the place if it will not
+        come."""
+        self._queue(key).reserve(waiting)
+
+    def release(self, key: QueueKey, waiting: Waiting | None = None) -> None:
+        self._queues[key].release(waiting)
 
     def submit(self, item: Item, reserved: bool = False) -> None:
         self._queue(item.key).put(item, reserved)

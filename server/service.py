@@ -134,13 +134,13 @@ class InferenceService:
     ) -> Result:
         """The rest of :meth:`infer` for a request already admitted and checked (``waiting`` is
         what :meth:`check_room` returned): decode, queue, wait for the batch."""
-        self.batcher.reserve(admitted.key)  # its batch waits for it while it decodes
+        self.batcher.reserve(admitted.key, waiting)  # its batch waits for it while it decodes
         try:
             pixels = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._prepare, admitted.model, image
             )
         except BaseException:
-            self.batcher.release(admitted.key)
+            self.batcher.release(admitted.key, waiting)
             raise
         item = Item(
             model=admitted.model.name,
@@ -217,7 +217,7 @@ class InferenceService:
         waiting = Waiting(
             time.monotonic() if arrived is None else arrived, admitted.auto.target_s, admitted.auto.max_r
         )
-        queued = [item.waiting for item in self.batcher.queued(admitted.key) if item.waiting is not None]
+        queued = self._backlog(admitted.key, self.batcher.queued(admitted.key))
         try:
             self.autos[admitted.model.name].admit(queued, waiting)
         except Overloaded as exc:
@@ -255,9 +255,16 @@ class InferenceService:
         the r its model's controller chooses for the queued requests, and takes as many as it says."""
         if key.r != AUTO:
             return BatchPlan(key.r)
-        waiting = [item.waiting for item in queued if item.waiting is not None]
+        waiting = self._backlog(key, queued)
         decision = self.autos[key.model].choose(waiting)
         return BatchPlan(decision.r, decision.batch_size)
+
+    def _backlog(self, key: QueueKey, queued: Sequence[Item]) -> list[Waiting]:
+        """What r=auto plans for: the queued requests of ``key``, oldest first, then those still
+        being decoded (with one instance on every core they decode only between batches, so the
+        queue alone would hide most of a burst)."""
+        waiting = [item.waiting for item in queued] + list(self.batcher.coming(key))
+        return [w for w in waiting if w is not None]
 
     async def _run_batch(self, batch: Batch) -> None:
         auto = self.autos.get(batch.key.model)
