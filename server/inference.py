@@ -1,12 +1,13 @@
 """The inference worker: runs a formed batch through the patched model and answers each item.
 
-Each model gets its own inference threads (``TOME_INSTANCES``, default one), so batches never
-wait behind the decoding threads or the event loop. Several threads may call the same model at
+Each model gets its own inference threads (``TOME_INSTANCES``), so batches never wait behind
+the decoding threads or the event loop. Several threads may call the same model at
 once: the weights are only read, and every batch runs under ``tome.merging(r=...)``, which keeps
 the merge schedule and token bookkeeping in context variables of that call, never on the model.
 On a CPU the threads split torch's intra-op threads between them: two single-threaded batches
 side by side lose less to synchronisation, and to a core briefly taken by other work, than one
-batch spread over both cores.
+batch spread over both cores. Where one instance does take every core, :class:`ForwardGate` keeps
+the decoding out of its forward passes.
 
 A batch's thread also draws the merge maps its items asked for, so the pixels never travel back
 up; each item's future gets a :class:`~.item.Result` holding only its own image's data.

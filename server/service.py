@@ -1,8 +1,9 @@
 """The inference service: one call takes (model, r, image bytes, what to return) and gives a Result.
 
-:meth:`InferenceService.infer` checks the request (:meth:`~InferenceService.admit`), decodes and
-preprocesses the image in a thread pool (decode.py, preprocess.py), queues it as one
-:class:`~.item.Item` by (model, r) (batching.py), and waits for its batch (inference.py) until
+:meth:`InferenceService.infer` checks the request (:meth:`~InferenceService.admit`), reserves its
+place in the queue of (model, r), decodes and preprocesses the image in a thread pool (decode.py,
+preprocess.py; between batches when one instance takes every core), queues it as one
+:class:`~.item.Item` in its place (batching.py), and waits for its batch (inference.py) until
 the deadline. r=auto requests of a model share the queue (model, "auto"): admission asks the
 model's :class:`~.auto.AutoR` whether even the request's floor can meet its latency target (429
 otherwise), and the batcher's planner asks it for each batch's r when the batch is formed. Every
