@@ -40,12 +40,16 @@ class Recorder:
                 item.future.set_result(item.pixels * 10)
 
 
+def _item(key: QueueKey, payload: int, timeout: float = FAR) -> Item:
+    now = time.monotonic()
+    future = asyncio.get_running_loop().create_future()
+    return Item(key.model, key.r, payload, Want(top_k=1), now, now + timeout, future)  # type: ignore[arg-type]
+
+
 def submit_all(batcher: Batcher, key: QueueKey, payloads: list[int], timeout: float = FAR) -> list[Item]:
     items = []
     for payload in payloads:
-        now = time.monotonic()
-        future = asyncio.get_running_loop().create_future()
-        item = Item(key.model, key.r, payload, Want(top_k=1), now, now + timeout, future)  # type: ignore[arg-type]
+        item = _item(key, payload, timeout)
         batcher.submit(item)
         items.append(item)
     return items
@@ -122,12 +126,6 @@ def test_full_queue_refuses_with_retry_hint() -> None:
         await batcher.drain()
 
     asyncio.run(scenario())
-
-
-def _item(key: QueueKey, payload: int) -> Item:
-    now = time.monotonic()
-    future = asyncio.get_running_loop().create_future()
-    return Item(key.model, key.r, payload, Want(top_k=1), now, now + FAR, future)  # type: ignore[arg-type]
 
 
 def test_a_batch_waits_past_its_delay_for_an_item_still_being_decoded() -> None:
