@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from . import serve
 
 OURS = "tome-serve (defaults)"
@@ -41,6 +39,8 @@ def common_arguments(args: argparse.Namespace) -> list[str]:
     return [
         f"--model={args.model}",
         f"--weights={args.weights}",
+        f"--model-kwargs={args.model_kwargs}",
+        f"--device={args.device}",
         f"--dtype={args.dtype}",
         f"--r={args.r}",
         f"--batch-size={args.batch_size}",
@@ -59,32 +59,19 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
 def run_peer(args: argparse.Namespace, extra: list[str], out: Path) -> dict:
     port = serve.free_port()
     command = [sys.executable, "-m", "tome_bench.litserve_peer", f"--port={port}", f"--model={args.model}"]
-    command += [f"--weights={args.weights}", f"--dtype={args.dtype}", f"--r={args.r}"]
+    command += [f"--weights={args.weights}", f"--model-kwargs={args.model_kwargs}"]
+    command += [f"--dtype={args.dtype}", f"--r={args.r}"]
     command += [f"--batch-size={args.batch_size}", *extra]
     peer = subprocess.Popen(command, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(peer, f"{url}/health")
+        serve.wait_until_ok(peer, f"{url}/health", "the peer")
         serve.main(
             [*common_arguments(args), "--peer", f"--url={url}", f"--server-pid={peer.pid}", f"--out={out}"]
         )
     finally:
         stop_group(peer)
     return json.loads(out.read_text())
-
-
-def wait_healthy(process: subprocess.Popen, url: str, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the peer exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the peer did not become healthy")
 
 
 def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -154,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct-seconds", type=float, default=6.0)
     parser.add_argument("--out", default="artifacts/litserve_pairs.json")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        parser.error("the LitServe peer runs on the CPU only: --device cpu")
     out = Path(args.out)
     runs = out.with_suffix("")
     runs.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ if ls is not None:
             settings = Settings(
                 model=self.args.model,
                 weights=self.args.weights,
+                model_kwargs=self.args.model_kwargs,
                 device="cpu",
                 dtype=self.args.dtype,
                 max_batch_size=self.args.batch_size,
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON, as the server's --model-kwargs")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -387,18 +387,28 @@ def start_server(
     }
     process = subprocess.Popen([sys.executable, "-m", "tome_serve"], env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    try:
+        wait_until_ok(process, f"{url}/readyz", "the server")
+    except SystemExit:
+        process.kill()
+        raise
+    return process, url
+
+
+def wait_until_ok(process: subprocess.Popen, url: str, what: str, timeout_s: float = 600) -> None:
+    """Poll ``url`` until it answers 200; SystemExit if ``process`` (``what``) exits first or
+    ``timeout_s`` pass."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
+            raise SystemExit(f"{what} exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not become ready")
+    raise SystemExit(f"{what} did not become ready")
 
 
 def batch_totals(url: str, model: str, r: int, headers: dict[str, str]) -> tuple[float, float]:

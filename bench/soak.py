@@ -26,8 +26,8 @@ from pathlib import Path
 
 import aiohttp
 
+from .serve import add_server_model_arguments, start_server, test_image
 from .serve import parse_args as serve_args
-from .serve import start_server, test_image
 
 
 def rss_mb(pid: int) -> float:
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--weights", default="random")
+    add_server_model_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--instances", default="auto", help="the server's TOME_INSTANCES")
@@ -143,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             f"--model={args.model}",
             f"--weights={args.weights}",
+            f"--model-kwargs={args.model_kwargs}",
+            f"--device={args.device}",
             f"--dtype={args.dtype}",
             f"--batch-size={args.batch_size}",
             f"--instances={args.instances}",
