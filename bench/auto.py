@@ -33,6 +33,8 @@ import httpx
 import numpy as np
 import torch
 
+from tome_serve.hardware import cpu_name
+
 from .serve import (
     Outcome,
     add_server_model_arguments,
@@ -239,17 +241,6 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def cpu_name() -> str:
-    """The CPU model as the kernel names it (platform.processor() is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def write(out: Path, result: dict, cells: list[Cell]) -> None:

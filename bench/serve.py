@@ -47,6 +47,7 @@ from PIL import Image
 
 import tome
 from tome_serve.config import Settings
+from tome_serve.hardware import cpu_name
 from tome_serve.loading import load_model
 
 from .stats import CpuMeter, percentile
@@ -585,7 +586,7 @@ def report(
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_name(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "config": {
@@ -608,17 +609,6 @@ def report(
             "saturation_load_generator_share": saturation.cpu.get("load_generator_share"),
         },
     }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _cpu_ratio(saturation: PhaseResult, *directs: dict) -> float | None:

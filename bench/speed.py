@@ -22,6 +22,7 @@ import timm
 import torch
 
 import tome
+from tome_serve.hardware import cpu_flags, cpu_name
 
 from .timing import interleaved_seconds
 
@@ -196,16 +197,7 @@ def describe_machine(device: str) -> str:
     """The GPU's name, or the CPU's model name and the flags that decide its matrix-multiply speed."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    name, flags = cpu_name() or platform.machine(), cpu_flags()
     simd = [flag for flag in SIMD_FLAGS if flag in flags]
     amx = "" if not flags or "amx_tile" in flags else ", no AMX"
     listed = f" ({' '.join(simd)}{amx})" if simd else ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,18 +39,28 @@ class DtypeChoice:
         return str(self.dtype).removeprefix("torch.")
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags: x86 ``flags`` or ARM ``Features`` of the first processor listed."""
+def _field(names: tuple[str, ...], cpuinfo: str | None) -> str | None:
+    """The first value of any of ``names`` in /proc/cpuinfo (or in the ``cpuinfo`` text)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return set()
+            return None
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if name.strip() in names:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags: x86 ``flags`` or ARM ``Features`` of the first processor listed."""
+    return set((_field(("flags", "Features"), cpuinfo) or "").split())
+
+
+def cpu_name(cpuinfo: str | None = None) -> str | None:
+    """The CPU's model name as the kernel gives it (``platform.processor()`` is often empty on Linux)."""
+    return _field(("model name",), cpuinfo) or platform.processor() or None
 
 
 def cpu_bf16_reason(flags: set[str]) -> str | None:

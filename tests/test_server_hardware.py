@@ -12,6 +12,7 @@ from tome_serve.hardware import (
     auto_dtype,
     cpu_bf16_reason,
     cpu_flags,
+    cpu_name,
     plan_threads,
     resolve_dtype,
     usable_cores,
@@ -43,6 +44,12 @@ def test_cpu_choice_follows_the_flags(cpuinfo: str, dtype: torch.dtype, flag: st
         assert flag in choice.reason
     else:
         assert "no native bfloat16" in choice.reason
+
+
+def test_cpu_name_is_the_kernels_model_name() -> None:
+    assert cpu_name("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t: avx2\n") == (
+        "AMD EPYC 9R14 96-Core Processor"
+    )
 
 
 def test_flags_are_those_of_the_first_processor() -> None:
