@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -28,25 +27,23 @@ import aiohttp
 
 from .serve import add_server_model_arguments, start_server, test_image
 from .serve import parse_args as serve_args
+from .stats import process_tree
 
 
 def rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` and its child processes, in MB (VmRSS)."""
-    total = 0.0
-    pids = [pid]
-    while pids:
-        current = pids.pop()
-        try:
-            with open(f"/proc/{current}/status") as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pids += [int(child) for child in handle.read().split()]
-        except OSError:
-            continue
-    return round(total, 1)
+    return round(sum(_own_rss_mb(each) for each in process_tree(pid)), 1)
+
+
+def _own_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 async def soak(args: argparse.Namespace, url: str, pid: int, payload: bytes) -> list[dict]:

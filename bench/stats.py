@@ -25,13 +25,17 @@ def percentile(values: Iterable[float], q: float) -> float:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendant processes (Linux /proc)."""
+    pids = [pid]
+    for current in pids:  # grows while it is walked: children, then theirs
+        pids += _children(current)
+    return pids
+
+
 def process_cpu_seconds(pid: int, children: bool = True) -> float:
     """User + system CPU seconds of process ``pid`` (Linux /proc), with its live child processes."""
-    total = _own_cpu_seconds(pid)
-    if children:
-        for child in _children(pid):
-            total += process_cpu_seconds(child)
-    return total
+    return sum(_own_cpu_seconds(each) for each in (process_tree(pid) if children else [pid]))
 
 
 def _own_cpu_seconds(pid: int) -> float:
