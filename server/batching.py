@@ -34,7 +34,7 @@ from .errors import BatchFailed, DeadlineExceeded, QueueFull, Unavailable
 from .item import Item, QueueKey
 
 if TYPE_CHECKING:
-    from .controller import Waiting
+    from .auto import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class BatchQueue:
             self._coming.remove(item.waiting)
         else:
             self.check_room()
+        item.enqueued_at = time.monotonic()
         self._items.append(item)
         self._changed()
 

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .params import RChoice, parse_r_choice
+
 MIB = 1024 * 1024
 
 
@@ -77,19 +79,21 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         40_000_000, ge=1, description="largest image (width x height), checked before decoding"
     )
-    default_r: int | Literal["auto"] = Field(
+    default_r: RChoice = Field(
         "auto",
         description="r for requests that give none: 'auto' (r=auto: the least merging that meets the "
         "latency target) or an integer (capped at each model's r_max)",
     )
-    max_r: int | None = Field(None, ge=0, description="cap on r; unset: each model's own maximum")
+    max_r: int | None = Field(
+        None, ge=0, description="the server's ceiling on r; unset: each model's largest useful r"
+    )
     latency_target_ms: float | None = Field(
         None,
         description="latency target of r=auto requests; unset: 2 x the measured time of a full batch "
         "at r=0, rounded up to 10 ms, at most the request timeout",
     )
     auto_max_r: int | None = Field(
-        None, ge=0, description="largest r that r=auto may choose; unset: each model's r_max"
+        None, ge=0, description="the auto ceiling: largest r that r=auto may choose; unset: the ceiling"
     )
     auto_warmup_s: float = Field(
         20.0,
@@ -133,18 +137,7 @@ class Settings(BaseSettings):
     @field_validator("default_r", mode="before")
     @classmethod
     def _auto_or_integer(cls, value: object) -> object:
-        parsed = value
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text == "auto":
-                return "auto"
-            try:
-                parsed = int(text)
-            except ValueError:
-                parsed = None
-        if isinstance(parsed, bool) or not isinstance(parsed, int) or parsed < 0:
-            raise ValueError(f"TOME_DEFAULT_R must be 'auto' or a non-negative integer, got {value!r}")
-        return parsed
+        return parse_r_choice(value, "TOME_DEFAULT_R")
 
     @field_validator("max_r", "api_key", "latency_target_ms", "auto_max_r", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from .errors import BatchFailed
 from .item import Prediction, Result
 from .metrics import Metrics
 from .models import LoadedModel
+from .params import AUTO
 from .render import merge_map_png
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class _Forward:
 
 class BatchObserver(Protocol):
     """Told when a batch's forward pass starts (in the inference thread) and how long it took
-    (None if it raised): r=auto's backlog and cost table follow every batch this way."""
+    (None if it raised): r=auto's backlog and timing table follow every batch this way
+    (``auto.BatchTicket``)."""
 
     def started(self) -> None: ...
 
@@ -177,6 +179,7 @@ class InferenceWorker:
                     model=model.name,
                     weights=model.weights,
                     r=batch.r,
+                    target_s=None if item.auto is None else item.auto.target_s,
                     predictions=predictions,
                     merge_map_png=png,
                     input_tokens=out.info.input_tokens,
@@ -203,7 +206,7 @@ class InferenceWorker:
         """Run dummy batches of every size at the default r (0 for auto; and one traced), so the first real
         requests do not pay for lazy initialisation; blocks until done."""
         shape = self.model.preprocessor.input_size
-        r = self.model.default_r if isinstance(self.model.default_r, int) else 0
+        r = 0 if self.model.limits.default == AUTO else self.model.limits.default
         plan = [([torch.zeros(shape, dtype=torch.uint8)] * size, False) for size in batch_sizes]
         plan.append(([torch.zeros(shape, dtype=torch.uint8)], True))
         # Every instance's thread warms (a barrier keeps one thread from taking two turns), so

@@ -1,8 +1,9 @@
-"""The types one image travels as: what the client wants, the queued item, and its result.
+"""The types one image travels as: what the client wants, the item, and its result.
 
-A request becomes exactly one :class:`Item` once its image is decoded: it carries the model's name,
-r, the preprocessed pixels, what to return, its arrival and deadline, and the future its
-:class:`Result` is delivered to. The result holds only this image's data.
+An image's request becomes one :class:`Item` when it is admitted: it carries the model's name, r (or
+AUTO with its r=auto parameters), what to return, its arrival and deadline, and the future its
+:class:`Result` is delivered to; its preprocessed pixels are added once its image is decoded, and it
+is queued then. The result holds only this image's data.
 """
 
 from __future__ import annotations
@@ -10,25 +11,23 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+from .auto import Waiting
+from .params import AutoParams, RChoice
 
 if TYPE_CHECKING:
     import torch
-
-    from .controller import Waiting
-
-AUTO: Literal["auto"] = "auto"
-"""The r of an r=auto request and of its queue's key: the batch's r is chosen when it is formed."""
 
 
 @dataclass(frozen=True)
 class Want:
     """What to compute for an image: its ``top_k`` predictions and/or its merge map.
 
-    ``top_k`` 0 asks for no predictions; None for the default (5, at most the number of classes),
-    which the service resolves before the item is queued."""
+    ``top_k`` 0 asks for no predictions; None for the default (5, at most the number of classes);
+    the query's text until the lane checks it (``params.top_k``) when the request is admitted."""
 
-    top_k: int | None = 0
+    top_k: int | str | None = 0
     merge_map: bool = False
 
 
@@ -38,7 +37,7 @@ class QueueKey(NamedTuple):
     formed (see ``batching.BatchQueue``); for a fixed r it is the key's r."""
 
     model: str
-    r: int | Literal["auto"]
+    r: RChoice
 
 
 @dataclass(eq=False)
@@ -46,18 +45,24 @@ class Item:
     """One image on its way through the queue."""
 
     model: str
-    r: int | Literal["auto"]
+    r: RChoice
     """A fixed r, or AUTO (the batch's r is chosen when the batch is formed)."""
-    pixels: torch.Tensor
-    """The resized, cropped uint8 [3, H, W] image the model will see."""
+    pixels: torch.Tensor | None
+    """The resized, cropped uint8 [3, H, W] image the model will see; None until decoded."""
     want: Want
     arrived: float
     """``time.monotonic()`` when the request arrived; the deadline counts from here."""
     deadline: float
     future: asyncio.Future[Result]
+    auto: AutoParams | None = None
+    """An r=auto request's latency target and auto ceiling; None for a fixed r."""
     enqueued_at: float = field(default_factory=time.monotonic)
-    waiting: Waiting | None = None
-    """An r=auto request's arrival, latency target and floor, for the controller; None for fixed r."""
+    """When it joined its queue (set again by the queue)."""
+
+    @property
+    def waiting(self) -> Waiting | None:
+        """What r=auto plans for: arrival, target and auto ceiling; None for a fixed r."""
+        return None if self.auto is None else Waiting(self.arrived, self.auto.target_s, self.auto.max_r)
 
     @property
     def key(self) -> QueueKey:
@@ -84,6 +89,8 @@ class Result:
     weights: str
     r: int
     """The r the batch ran at (for r=auto: the one chosen)."""
+    target_s: float | None
+    """The latency target r=auto aimed at; None for a fixed r."""
     predictions: list[Prediction]
     """Best first; empty unless predictions were asked for."""
     merge_map_png: bytes | None

@@ -9,8 +9,6 @@ Any problem raises :class:`StartupError` with a message that says what to do abo
 from __future__ import annotations
 
 import logging
-from typing import Literal
-
 import torch
 from torch import nn
 
@@ -21,6 +19,7 @@ from .config import Settings
 from .hardware import resolve_dtype
 from .labels import class_labels
 from .models import LoadedModel
+from .params import RLimits
 from .preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,15 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     if not module.num_classes:
         notes.append("no classifier head (num_classes=0): /classify is refused, /visualize works")
     module.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    r_max, default_r = _r_range(name, tome.largest_useful_r(module), settings, notes)
+    limits = RLimits.for_model(
+        name,
+        tome.largest_useful_r(module),
+        max_r=settings.max_r,
+        auto_max_r=settings.auto_max_r,
+        default=settings.default_r,
+        default_is_explicit="default_r" in settings.model_fields_set,
+    )
+    notes += limits.notes
     for note in notes:
         log.warning("%s: %s", name, note)
     log.info("%s: %s on %s (%s)", name, str(dtype).removeprefix("torch."), device, choice.reason)
@@ -65,34 +72,10 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
         preprocessor=Preprocessor.for_model(module),
         labels=class_labels(module),
         num_tokens=tome.input_tokens(module),
-        r_max=r_max,
-        default_r=default_r,
-        costs=tome.cost_table(module, range(r_max + 1)),
+        limits=limits,
+        costs=tome.cost_table(module, range(limits.ceiling + 1)),
         notes=notes,
     )
-
-
-def _r_range(
-    name: str, useful: int, settings: Settings, notes: list[str]
-) -> tuple[int, int | Literal["auto"]]:
-    """The model's r range and default r (an integer, or "auto"). Settings beyond what the model can
-    use are capped, with a note (logged, and listed by /models) rather than silently."""
-    r_max = useful
-    if settings.max_r is not None:
-        if settings.max_r > useful:
-            notes.append(
-                f"--max-r / TOME_MAX_R is {settings.max_r}, above the largest useful r of {name} ({useful}); "
-                f"r is capped at {useful}"
-            )
-        r_max = min(useful, settings.max_r)
-    if settings.default_r == "auto":
-        return r_max, "auto"
-    if settings.default_r > r_max and "default_r" in settings.model_fields_set:
-        notes.append(
-            f"--default-r / TOME_DEFAULT_R is {settings.default_r}, above the largest r {name} accepts "
-            f"({r_max}); its default r is {r_max}"
-        )
-    return r_max, min(settings.default_r, r_max)
 
 
 def _create(name: str, weights: str, kwargs: dict) -> tuple[nn.Module, str, list[str]]:

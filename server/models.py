@@ -8,13 +8,13 @@ and tome-bench agree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 import tome
 
+from .params import RLimits
 from .preprocess import Preprocessor
 
 
@@ -31,10 +31,10 @@ class LoadedModel:
     labels: list[str]
     num_tokens: int
     """Tokens entering the first block, prefix tokens included."""
-    r_max: int
-    default_r: int | Literal["auto"]
-    """r of a request that names none: an integer, or "auto" (chosen per batch, server/auto.py)."""
+    limits: RLimits
+    """The r it accepts, its default r and what r=auto may choose (params.py)."""
     costs: list[tome.RCost]
+    """Analytical GMACs of every r up to its ceiling (``tome.cost_table``)."""
     notes: list[str] = field(default_factory=list)
     dtype_reason: str = "set explicitly"
     """Why the model runs in ``dtype`` (``--dtype auto`` names the hardware feature)."""

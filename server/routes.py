@@ -1,30 +1,26 @@
 """The inference API: POST /classify, POST /visualize and GET /models.
 
-A route admits the request (refusing it before the upload is decoded), reads the upload, makes the
-one service call while watching for the client to hang up, and turns the Result into the answer.
-Errors are exceptions (errors.py) that the app's exception handlers answer.
+A route makes the one service call (``InferenceService.infer``: admit, check room, read the upload,
+decode, queue, await) with its query parameters and the request as the upload, and turns the Result
+into the answer. Errors are exceptions (errors.py) that the app's exception handlers answer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from .errors import ClientGone, QueueFull
 from .item import Result, Want
-from .middleware import set_metric_labels
-from .models import LoadedModel
+from .lane import Lane
 from .schemas import (
     AutoInfo,
     ClassifyResponse,
     ErrorResponse,
-    MeasuredCost,
+    MeasuredTiming,
     ModelInfo,
     ModelsResponse,
     Prediction,
@@ -32,8 +28,8 @@ from .schemas import (
     Timing,
     Tokens,
 )
-from .service import Admitted, InferenceService
-from .upload import discard_body, read_image_bytes
+from .service import InferenceService
+from .upload import HttpUpload
 
 router = APIRouter()
 
@@ -53,7 +49,9 @@ MaxRQuery = Annotated[
     str | None,
     Query(description="r=auto only: the largest r this request accepts (default TOME_AUTO_MAX_R)"),
 ]
-TopKQuery = Annotated[int | None, Query(ge=1, description="How many predictions to return (default 5)")]
+TopKQuery = Annotated[
+    str | None, Query(description="How many predictions to return, 1 to the model's classes (default 5)")
+]
 ModelQuery = Annotated[str | None, Query(description="A loaded model's name (default: the first one)")]
 
 _IMAGE_BODY = {
@@ -107,15 +105,15 @@ async def classify(
 ) -> ClassifyResponse:
     """Classify an image with the ToMe-patched model at the given r (or r=auto)."""
     arrived = time.monotonic()
-    admitted, result = await _infer(
-        request, service, model, r, Want(top_k=top_k), arrived, target_ms=target_ms, max_r=max_r
-    )
+    upload = HttpUpload(request, service.settings.max_upload_bytes)
+    want = Want(top_k=top_k)
+    result = await service.infer(model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r)
     return ClassifyResponse(
         model=result.model,
         weights=result.weights,
         r=result.r,
-        r_auto=admitted.auto is not None,
-        target_ms=None if admitted.auto is None else round(admitted.auto.target_s * 1000, 3),
+        r_auto=result.target_s is not None,
+        target_ms=None if result.target_s is None else round(result.target_s * 1000, 3),
         predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in result.predictions],
         tokens=Tokens(input=result.input_tokens, output=result.output_tokens, per_layer=result.token_counts),
         batch_size=result.batch_size,
@@ -141,17 +139,17 @@ async def visualize(
     """Draw which patches merged into which token at the given r or r=auto (PNG, the model's input
     size); X-Tome-R says the r used, X-Tome-R-Auto whether the server chose it."""
     arrived = time.monotonic()
-    admitted, result = await _infer(
-        request, service, model, r, Want(merge_map=True), arrived, target_ms=target_ms, max_r=max_r
-    )
+    upload = HttpUpload(request, service.settings.max_upload_bytes)
+    want = Want(merge_map=True)
+    result = await service.infer(model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r)
     timing = _timing(result, arrived)
-    auto = admitted.auto
+    auto = result.target_s is not None
     headers = {
         "X-Tome-Model": result.model,
         "X-Tome-Weights": quote(result.weights, safe="/:()+,._- "),
         "X-Tome-R": str(result.r),
-        "X-Tome-R-Auto": "1" if auto is not None else "0",
-        **({"X-Tome-Target-Ms": f"{auto.target_s * 1000:g}"} if auto is not None else {}),
+        "X-Tome-R-Auto": "1" if auto else "0",
+        **({"X-Tome-Target-Ms": f"{result.target_s * 1000:g}"} if auto else {}),
         "X-Tome-Tokens-Input": str(result.input_tokens),
         "X-Tome-Tokens-Output": str(result.output_tokens),
         "X-Tome-Batch-Size": str(result.batch_size),
@@ -162,100 +160,54 @@ async def visualize(
 
 @router.get("/models", response_model=ModelsResponse)
 async def models(service: Service) -> ModelsResponse:
-    """The loaded models, the r each accepts, the analytical cost of every r, and r=auto's target
-    and measured cost table."""
+    """The served models, the r each accepts, the analytical GMACs of every r, and r=auto's target and
+    measured timing table."""
     default = service.settings.model_names[0]
     return ModelsResponse(
-        models=[
-            ModelInfo(
-                name=model.name,
-                default=model.name == default,
-                weights=model.weights,
-                device=str(model.device),
-                dtype=model.dtype_name,
-                dtype_reason=model.dtype_reason,
-                instances=service.workers[model.name].instances,
-                torch_threads=service.workers[model.name].torch_threads,
-                preprocess_threads=service.threads.preprocess_threads,
-                decode_between_batches=service.threads.decode_between_batches,
-                r_min=0,
-                r_max=model.r_max,
-                default_r=model.default_r,
-                input_size=list(model.preprocessor.input_size),
-                patch_size=list(model.patch_size),
-                input_tokens=model.num_tokens,
-                depth=model.depth,
-                num_classes=model.num_classes,
-                notes=list(model.notes),
-                costs=[
-                    RCostInfo(r=c.r, gmacs=c.gmacs, speedup=c.speedup, output_tokens=c.output_tokens)
-                    for c in model.costs
-                ],
-                auto=_auto_info(service, model),
-            )
-            for model in service.models()
-        ]
+        models=[_model_info(lane, lane.name == default, service) for lane in service.served()]
     )
 
 
-def _auto_info(service: InferenceService, model: LoadedModel) -> AutoInfo | None:
-    auto = service.autos.get(model.name)
-    if auto is None:
+def _model_info(lane: Lane, default: bool, service: InferenceService) -> ModelInfo:
+    model, limits = lane.model, lane.model.limits
+    return ModelInfo(
+        name=model.name,
+        default=default,
+        weights=model.weights,
+        device=str(model.device),
+        dtype=model.dtype_name,
+        dtype_reason=model.dtype_reason,
+        instances=lane.worker.instances,
+        torch_threads=lane.worker.torch_threads,
+        preprocess_threads=service.threads.preprocess_threads,
+        decode_between_batches=service.threads.decode_between_batches,
+        r_min=0,
+        r_max=limits.ceiling,
+        useful_r=limits.useful,
+        default_r=limits.default,
+        input_size=list(model.preprocessor.input_size),
+        patch_size=list(model.patch_size),
+        input_tokens=model.num_tokens,
+        depth=model.depth,
+        num_classes=model.num_classes,
+        notes=list(model.notes),
+        costs=[
+            RCostInfo(r=c.r, gmacs=c.gmacs, speedup=c.speedup, output_tokens=c.output_tokens)
+            for c in model.costs
+        ],
+        auto=_auto_info(lane),
+    )
+
+
+def _auto_info(lane: Lane) -> AutoInfo | None:
+    if lane.auto is None:
         return None
-    gmacs = {c.r: c.gmacs for c in model.costs}
+    gmacs = {c.r: c.gmacs for c in lane.model.costs}
     return AutoInfo(
-        target_ms=service.targets_ms[model.name],
-        max_r=service.auto_max_r(model),
-        table=[MeasuredCost(**row) for row in auto.table.describe(gmacs)],
+        target_ms=lane.target_ms,
+        max_r=lane.model.limits.auto_ceiling,
+        timings=[MeasuredTiming(**row) for row in lane.auto.table.describe(gmacs)],
     )
-
-
-async def _infer(
-    request: Request,
-    service: InferenceService,
-    model: str | None,
-    r: str | None,
-    want: Want,
-    arrived: float,
-    *,
-    target_ms: str | None,
-    max_r: str | None,
-) -> tuple[Admitted, Result]:
-    admitted = service.admit(model, r, want, target_ms=target_ms, max_r=max_r)
-    set_metric_labels(request.scope.setdefault("state", {}), admitted.model.name, admitted.r)
-    try:
-        waiting = service.check_room(admitted, arrived)  # refuse before using the upload
-    except QueueFull:
-        await discard_body(request, service.settings.max_upload_bytes)
-        raise
-    image = await read_image_bytes(request, service.settings.max_upload_bytes)
-    result = await _unless_client_leaves(request, service.run(admitted, image, arrived, waiting))
-    return admitted, result
-
-
-T = TypeVar("T")
-
-
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, or :class:`ClientGone` (with ``work`` cancelled) if the client hangs up
-    first. The body has been read, so the only message left to receive is the disconnect."""
-    task = asyncio.ensure_future(work)
-    hangup = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hangup.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if task.cancelled():
-        raise ClientGone()
-    return task.result()
-
-
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _timing(result: Result, arrived: float) -> Timing:

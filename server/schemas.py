@@ -48,9 +48,11 @@ class RCostInfo(BaseModel):
     output_tokens: int
 
 
-class MeasuredCost(BaseModel):
+class MeasuredTiming(BaseModel):
     r: int
-    gmacs: float | None = Field(description="Analytical GMACs per image at this r (as in costs)")
+    gmacs: float | None = Field(
+        description="Analytical GMACs per image at this r (as in costs), for comparison"
+    )
     images_per_s: dict[int, float] = Field(
         description="Measured images/s of one batch, per batch size (warm-up, then real batches)"
     )
@@ -62,8 +64,10 @@ class MeasuredCost(BaseModel):
 
 class AutoInfo(BaseModel):
     target_ms: float = Field(description="Latency target of r=auto requests (TOME_LATENCY_TARGET_MS)")
-    max_r: int = Field(description="Largest r r=auto chooses (TOME_AUTO_MAX_R, at most r_max)")
-    table: list[MeasuredCost] = Field(description="The measured cost table r=auto decides from")
+    max_r: int = Field(
+        description="The auto ceiling: largest r r=auto chooses (TOME_AUTO_MAX_R, at most r_max)"
+    )
+    timings: list[MeasuredTiming] = Field(description="The measured timing table r=auto decides from")
 
 
 class ModelInfo(BaseModel):
@@ -80,9 +84,10 @@ class ModelInfo(BaseModel):
         description="Uploads are decoded while no forward pass runs (one instance taking every core)"
     )
     r_min: int
-    r_max: int = Field(
-        description="Largest r accepted: the smallest r that leaves the fewest output "
-        "tokens merging can leave, or TOME_MAX_R when that is lower"
+    r_max: int = Field(description="The ceiling: largest r accepted (useful_r, or TOME_MAX_R when lower)")
+    useful_r: int = Field(
+        description="The model's largest useful r: the smallest r that leaves the fewest output tokens "
+        "merging can leave (a larger r changes nothing)"
     )
     default_r: int | Literal["auto"]
     input_size: list[int] = Field(description="[channels, height, width] of the model input")
@@ -91,8 +96,8 @@ class ModelInfo(BaseModel):
     depth: int
     num_classes: int = Field(description="0 for a backbone without classifier head (/classify refused)")
     notes: list[str]
-    costs: list[RCostInfo] = Field(description="Analytical cost of every r from r_min to r_max")
-    auto: AutoInfo | None = Field(None, description="r=auto: its target, floor and measured cost table")
+    costs: list[RCostInfo] = Field(description="Analytical cost (GMACs) of every r from r_min to r_max")
+    auto: AutoInfo | None = Field(None, description="r=auto: its target, auto ceiling and measured timings")
 
 
 class ModelsResponse(BaseModel):

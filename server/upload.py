@@ -1,5 +1,6 @@
 """The request body -> the image's bytes, never holding more than the upload limit (plus a little
-multipart framing) in memory: the body is counted while it arrives and refused once too large."""
+multipart framing) in memory: the body is counted while it arrives and refused once too large.
+:class:`HttpUpload` is an HTTP request as the service's ``Upload``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,33 @@ from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from .errors import BadRequest, ImageError
+from .middleware import set_metric_labels
 
 MULTIPART_ALLOWANCE = 64 * 1024
 """Bytes of multipart framing (boundaries, part headers, small fields) allowed on top of the image."""
 
 FIELD = "file"
+
+
+class HttpUpload:
+    """The image of one HTTP request, read within ``limit`` bytes."""
+
+    def __init__(self, request: Request, limit: int) -> None:
+        self._request, self._limit = request, limit
+
+    def admitted(self, model: str, r: int | str) -> None:
+        set_metric_labels(self._request.scope.setdefault("state", {}), model, r)
+
+    async def read(self) -> bytes:
+        return await read_image_bytes(self._request, self._limit)
+
+    async def discard(self) -> None:
+        await discard_body(self._request, self._limit)
+
+    async def gone(self) -> None:
+        # The body has been read, so the only message left to receive is the disconnect.
+        while (await self._request.receive())["type"] != "http.disconnect":
+            pass
 
 
 class _TooLarge(Exception):

@@ -4,7 +4,7 @@ not pay at batch 1 and pays well at batch 8)."""
 
 from __future__ import annotations
 
-from tome_serve.costs import CostTable
+from tome_serve.auto.timings import TimingTable
 
 R_MAX = 24
 MAX_BATCH = 8
@@ -46,8 +46,8 @@ class TimedRunner:
         return seconds
 
 
-def warmed_table(seconds=cpu_like, r_max: int = R_MAX, max_batch: int = MAX_BATCH) -> CostTable:
-    """A cost table with every cell measured from ``seconds``."""
-    table = CostTable("fake", r_max, max_batch)
+def warmed_table(seconds=cpu_like, r_max: int = R_MAX, max_batch: int = MAX_BATCH) -> TimingTable:
+    """A timing table with every cell measured from ``seconds``."""
+    table = TimingTable("fake", r_max, max_batch)
     table.warm_up(TimedRunner(FakeClock(), seconds), budget_s=1e9, clock=FakeClock())
     return table

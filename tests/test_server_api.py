@@ -117,13 +117,13 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     # r=auto: the measured table on the cost grid, beside the analytical GMACs.
     auto = info["auto"]
     assert auto["max_r"] == 32 and 0 < auto["target_ms"] <= 10_000
-    assert [row["r"] for row in auto["table"]] == list(range(0, 33, 4))
-    for row in auto["table"]:
+    assert [row["r"] for row in auto["timings"]] == list(range(0, 33, 4))
+    for row in auto["timings"]:
         assert row["gmacs"] == pytest.approx(costs[row["r"]]["gmacs"])
         assert sorted(int(b) for b in row["images_per_s"]) == [1, 2, 4, 8]
         assert all(speed > 0 for speed in row["images_per_s"].values())
         assert set(row["dominated_at"]) <= {1, 2, 4, 8}
-    assert auto["table"][0]["dominated_at"] == []  # r=0 is never dominated
+    assert auto["timings"][0]["dominated_at"] == []  # r=0 is never dominated
 
 
 # -- classify ---------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_oversized_uploads_are_refused(client: httpx.Client) -> None:
         ),
         ({"r": "auto", "target_ms": 0}, 422, "target_ms must be a number above 0"),
         ({"r": "auto", "target_ms": 10_001}, 422, "at most the request timeout (10000 ms"),
-        ({"r": "auto", "max_r": 33}, 422, "max_r must be an integer from 0 to 32 for this model, got 33"),
+        ({"r": "auto", "max_r": 33}, 422, "max_r must be an integer from 0 to 32 for this model, got '33'"),
         ({"r": "auto", "max_r": -1}, 422, "max_r must be an integer from 0 to 32"),
         ({"r": "auto", "max_r": "x"}, 422, "max_r must be an integer from 0 to 32 for this model, got 'x'"),
         (
@@ -317,9 +317,9 @@ def test_oversized_uploads_are_refused(client: httpx.Client) -> None:
             "target_ms and max_r apply to r=auto only; this request asks for r=8",
         ),
         ({"r": 8, "max_r": 4}, 422, "apply to r=auto only"),
-        ({"top_k": 0}, 422, "greater than or equal to 1"),
-        ({"top_k": 1001}, 422, "[1, 1000]"),
-        ({"top_k": "many"}, 422, "integer"),
+        ({"top_k": 0}, 422, "top_k must be an integer from 1 to 1000 for this model, got '0'"),
+        ({"top_k": 1001}, 422, "top_k must be an integer from 1 to 1000 for this model, got '1001'"),
+        ({"top_k": "many"}, 422, "top_k must be an integer from 1 to 1000 for this model, got 'many'"),
         ({"model": "vit_nope"}, 404, "vit_nope"),
     ],
 )

@@ -1,6 +1,6 @@
-"""AutoR, the per-model glue a batcher calls: admission counts sheds, batch decisions see the work
+"""AutoR, the per-model r=auto its lane calls: admission counts sheds, batch decisions see the work
 already handed to the inference threads (fixed-r batches included), finished batches teach the
-cost table, answers feed the metrics."""
+timing table, answers feed the metrics."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from autofakes import MAX_BATCH, R_MAX, FakeClock, cpu_like, warmed_table
 from prometheus_client import CollectorRegistry
 
 from tome_serve.auto import AutoR
-from tome_serve.auto_metrics import AutoMetrics
-from tome_serve.controller import Overloaded, Waiting
-from tome_serve.costs import CostTable
+from tome_serve.auto.metrics import AutoMetrics
+from tome_serve.auto.controller import Overloaded, Waiting
+from tome_serve.auto.timings import TimingTable
 
 
 def auto_r(clock: FakeClock) -> tuple[AutoR, CollectorRegistry]:
@@ -28,10 +28,10 @@ def test_fixed_r_work_in_flight_raises_the_auto_batch_r():
     idle = auto.choose(queued).r
     clock.advance(2.0)  # past the hold, so the next choice is its own
     queued = [Waiting(clock(), 0.25, R_MAX) for _ in range(20)]
-    token = auto.handed(r=7, batch_size=MAX_BATCH)  # a fixed-r batch, r off the grid
-    auto.running(token)
+    ticket = auto.handed(r=7, batch_size=MAX_BATCH)  # a fixed-r batch, r off the grid
+    ticket.started()
     assert auto.choose(queued).r > idle
-    auto.finished(token, r=7, batch_size=MAX_BATCH, seconds=cpu_like(7, 8))
+    ticket.finished(cpu_like(7, 8))
     assert auto.backlog.ahead_s() == 0.0
 
 
@@ -40,10 +40,11 @@ def test_finished_batches_teach_the_cost_table_and_failed_ones_do_not():
     auto, _ = auto_r(clock)
     before = auto.table.snapshot().seconds(16, 8)
     for _ in range(50):
-        auto.finished(auto.handed(16, 8), 16, 8, 2 * before)
+        auto.handed(16, 8).finished(2 * before)
     assert auto.table.snapshot().seconds(16, 8) > 1.5 * before
-    token = auto.handed(0, 8)
-    auto.finished(token, 0, 8, None)
+    ticket = auto.handed(0, 8)
+    ticket.finished(None)
+    ticket.finished(3 * before)  # a ticket acts once: the failed batch taught nothing
     assert auto.table.snapshot().seconds(0, 8) == pytest.approx(cpu_like(0, 8))
 
 
@@ -63,5 +64,5 @@ def test_sheds_answers_and_timeouts_are_counted():
 
 
 def test_an_empty_cost_table_is_refused_up_front():
-    with pytest.raises(ValueError, match="warm the cost table up first"):
-        AutoR(CostTable("fake", R_MAX, MAX_BATCH), auto_max_r=R_MAX)
+    with pytest.raises(ValueError, match="warm the timing table up first"):
+        AutoR(TimingTable("fake", R_MAX, MAX_BATCH), auto_max_r=R_MAX)

@@ -1,5 +1,5 @@
 """The r=auto metrics: names and labels the deploy files query, outcomes counted against the target,
-and the cost table exported at scrape time (so it follows real batches)."""
+and the timing table exported at scrape time (so it follows real batches)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_deploy_prometheus import AUTO_METRICS
 
-from tome_serve.auto_metrics import AutoMetrics
+from tome_serve.auto.metrics import AutoMetrics
 
 
 def values(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:

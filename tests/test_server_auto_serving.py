@@ -4,7 +4,7 @@ fixed-r requests mixed in keep exactly their r.
 The model is a narrow ViT with ViT-S/16's token count and depth (197 tokens, 12 blocks, 64 channels),
 so merging pays at full batches on a CPU as it does for the real ViT-S/16 (about 2x at r=24, batch 8)
 while a batch still takes only tens of milliseconds. Nothing here bounds wall-clock time: the
-assertions are about which r the server chose, which follows its own measured cost table.
+assertions are about which r the server chose, which follows its own measured timing table.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def auto_info(url: str) -> dict:
 
 
 def usable_at_full_batch(info: dict) -> list[int]:
-    return [row["r"] for row in info["table"] if MAX_BATCH not in row["dominated_at"]]
+    return [row["r"] for row in info["timings"] if MAX_BATCH not in row["dominated_at"]]
 
 
 def test_a_burst_raises_r_and_quiet_brings_it_back_to_zero(url: str) -> None:
@@ -98,11 +98,11 @@ def test_a_burst_raises_r_and_quiet_brings_it_back_to_zero(url: str) -> None:
     # does by 2x at r=24, but a warm-up disturbed by other work can measure otherwise: then there is
     # nothing to test here, and the skip says so.
     if usable_at_full_batch(info)[-1] == 0:
-        pytest.skip(f"the measured cost table has no r > 0 faster than r=0 at batch {MAX_BATCH}: {info}")
+        pytest.skip(f"the measured timing table has no r > 0 faster than r=0 at batch {MAX_BATCH}: {info}")
 
     # A target of three full r=0 batches (from the server's own table): a burst of twelve batches
     # cannot be met at r=0, however fast this machine decodes the uploads in between.
-    r0 = next(row for row in info["table"] if row["r"] == 0)
+    r0 = next(row for row in info["timings"] if row["r"] == 0)
     target_ms = max(1, round(3 * MAX_BATCH / r0["images_per_s"][str(MAX_BATCH)] * 1000))
     answers = asyncio.run(burst(url, 96, f"r=auto&target_ms={target_ms}"))
     codes = [status for status, _, _ in answers]

@@ -186,7 +186,7 @@ def test_impossible_r_settings_are_refused_or_reported() -> None:
         MODEL,
         Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, default_r=999, max_r=999),
     )
-    assert (loaded.r_max, loaded.default_r) == (32, 32)
+    assert (loaded.limits.ceiling, loaded.limits.default) == (32, 32)
     assert any("TOME_MAX_R is 999" in note for note in loaded.notes)
     assert any("TOME_DEFAULT_R is 999" in note for note in loaded.notes)
 

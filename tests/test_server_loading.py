@@ -49,8 +49,8 @@ def test_random_weights_are_seeded_patched_and_described() -> None:
     assert first.num_tokens == 65 and first.depth == 4 and first.patch_size == (8, 8)
     assert first.preprocessor.input_size == (3, 64, 64)
     assert first.labels[1].startswith("goldfish")
-    assert first.r_max == 32 and first.default_r == "auto"  # TOME_DEFAULT_R's default
-    assert load_model(NAME, settings(default_r=16)).default_r == 16
+    assert first.limits.ceiling == 32 and first.limits.default == "auto"  # TOME_DEFAULT_R's default
+    assert load_model(NAME, settings(default_r=16)).limits.default == 16
     costs = {c.r: c for c in first.costs}
     assert sorted(costs) == list(range(33))
     assert costs[0].speedup == 1.0 and costs[0].gmacs == pytest.approx(tome.gmacs(first.module, r=0))
@@ -71,8 +71,8 @@ def test_largest_useful_r_is_where_the_output_stops_shrinking() -> None:
 
 def test_max_r_caps_the_range_and_the_default() -> None:
     loaded = load_model(NAME, settings(max_r=6, default_r=6))
-    assert loaded.r_max == 6 and loaded.default_r == 6
-    assert load_model(NAME, settings(max_r=6)).default_r == "auto"
+    assert loaded.limits.ceiling == 6 and loaded.limits.default == 6
+    assert load_model(NAME, settings(max_r=6)).limits.default == "auto"
     assert [c.r for c in loaded.costs] == list(range(7))
 
 

@@ -16,7 +16,7 @@ from tome_serve.config import Settings
 from tome_serve.errors import BadRequest, DeadlineExceeded, ImageError, Unavailable, UnknownModel
 from tome_serve.hardware import usable_cores
 from tome_serve.item import Result, Want
-from tome_serve.service import InferenceService
+from tome_serve.service import Arrived, InferenceService
 
 MODEL = "vit_tiny_patch16_224"
 
@@ -25,6 +25,16 @@ def png(colour: tuple[int, int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class NotReadYet(Arrived):
+    """An upload whose bytes are still to come: reading it fails the test."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+
+    async def read(self) -> bytes:
+        raise AssertionError("the upload of a refused request was read")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,8 @@ def test_errors_are_domain_exceptions(client: TestClient) -> None:
 def test_a_request_admitted_before_the_drain_still_finishes(client: TestClient) -> None:
     service: InferenceService = client.app.state.service
     service.begin_draining()
-    with pytest.raises(Unavailable):
-        service.admit(None, 4, Want(top_k=1))  # a new request is refused...
+    with pytest.raises(Unavailable):  # a new request, its upload still to be read, is refused...
+        client.portal.call(service.infer, None, 4, NotReadYet(), Want(top_k=1))
     result = client.portal.call(service.infer, None, 4, png((5, 5, 5)), Want(top_k=1))
     assert len(result.predictions) == 1  # ...one whose upload was still arriving is answered
 

@@ -1,4 +1,4 @@
-"""The measured cost table behind r=auto: warm-up order and budget, prediction of cells it did not
+"""The measured timing table behind r=auto: warm-up order and budget, prediction of cells it did not
 measure, dominated r, robust updates from real batches, thread safety, and what it exports."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, TimedRunner, cpu_like, warmed_table, with_slow_r20
 
-from tome_serve.costs import CostTable, batch_grid, coarse_to_fine, r_grid, warm_up_order
+from tome_serve.auto.timings import TimingTable, batch_grid, coarse_to_fine, r_grid, warm_up_order
 
 
 def test_grids_always_hold_their_ends():
@@ -50,7 +50,7 @@ def test_a_full_warm_up_reproduces_the_measured_times_and_predicts_sizes_in_betw
 def test_warm_up_stays_within_its_budget_and_measures_the_most_useful_cells_first():
     clock = FakeClock()
     runner = TimedRunner(clock)
-    table = CostTable("fake", R_MAX, MAX_BATCH)
+    table = TimingTable("fake", R_MAX, MAX_BATCH)
     start = clock()
     measured = table.warm_up(runner, budget_s=1.0, repeats=3, clock=clock)
     assert clock() - start <= 1.0
@@ -64,7 +64,7 @@ def test_warm_up_stays_within_its_budget_and_measures_the_most_useful_cells_firs
 
 
 def test_a_warm_up_without_budget_leaves_an_empty_table_that_still_answers():
-    table = CostTable("fake", R_MAX, MAX_BATCH)
+    table = TimingTable("fake", R_MAX, MAX_BATCH)
     assert table.warm_up(TimedRunner(FakeClock()), budget_s=0.0, clock=FakeClock(0.0)) == 1
     # The first cell always runs (nothing to predict its cost from); everything else from it.
     snapshot = table.snapshot()
@@ -94,7 +94,7 @@ def test_one_outlier_barely_moves_an_estimate_but_a_lasting_change_is_followed()
 
 
 def test_real_batches_fill_cells_the_warm_up_missed_and_off_grid_batches_are_ignored():
-    table = CostTable("fake", R_MAX, MAX_BATCH)
+    table = TimingTable("fake", R_MAX, MAX_BATCH)
     table.observe(0, 8, 0.08)
     table.observe(0, 1, 0.02)
     table.observe(7, 8, 1.0)  # a fixed-r client's r, not on the grid
@@ -177,7 +177,7 @@ def test_a_burst_of_load_during_warm_up_spoils_single_samples_not_cells():
         slow = 5.0 if burst[0] <= clock() < burst[1] else 1.0
         return slow * cpu_like(r, batch_size)
 
-    table = CostTable("fake", R_MAX, MAX_BATCH)
+    table = TimingTable("fake", R_MAX, MAX_BATCH)
     table.warm_up(TimedRunner(clock, seconds), budget_s=1e9, repeats=3, clock=clock)
     snapshot = table.snapshot()
     for r in table.rs:

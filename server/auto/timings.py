@@ -4,12 +4,12 @@ The analytical GMACs (``tome.gmacs``) say what merging saves in arithmetic; whet
 time depends on the hardware, the dtype and the batch size (on this project's CPU at batch 1, r=8 is
 *slower* than r=0). So the controller works from a table of measured seconds per batch:
 
-- :meth:`CostTable.warm_up` measures a grid of r (0, step, 2*step, ..., r_max) and batch sizes
+- :meth:`TimingTable.warm_up` measures a grid of r (0, step, 2*step, ..., r_max) and batch sizes
   (1, 2, 4, ..., max batch) within a start-up budget, most useful cells first: for every r the largest
   batch (what runs under load, when r matters) and batch 1 (idle traffic), coarse to fine over r, and
   only then the batch sizes in between. A cell the budget did not reach is predicted from its
   neighbours (see :class:`Snapshot`).
-- :meth:`CostTable.observe` folds in the forward time of every real batch, so the table follows the
+- :meth:`TimingTable.observe` folds in the forward time of every real batch, so the table follows the
   machine (thermal state, neighbours, a second inference thread) after start-up.
 - An r that is not clearly faster than every smaller r at a batch size is *dominated* there: it would
   cost accuracy for no speed, and the controller never chooses it.
@@ -99,7 +99,7 @@ class _Cell:
 
 
 @dataclass(frozen=True)
-class CostRow:
+class TimingRow:
     """One (r, batch size) cell as exported to /models and to metrics."""
 
     r: int
@@ -161,14 +161,14 @@ class Snapshot:
         usable = self.usable(batch_size)
         return usable[max(0, bisect.bisect_right(usable, r) - 1)]
 
-    def rows(self) -> list[CostRow]:
+    def rows(self) -> list[TimingRow]:
         rows = []
         for r in self.rs:
             usable = {size for size in range(1, self.max_batch + 1) if r in self._usable[size]}
             for size in batch_grid(self.max_batch):
                 seconds = self.seconds(r, size)
                 samples = self._samples.get((r, size), 0)
-                rows.append(CostRow(r, size, seconds, size / seconds, samples, size not in usable))
+                rows.append(TimingRow(r, size, seconds, size / seconds, samples, size not in usable))
         return rows
 
     def _non_dominated(self, batch_size: int, min_gain: float) -> tuple[int, ...]:
@@ -225,8 +225,8 @@ def _across_r(r: int, by_r: Mapping[int, list[float]]) -> list[float]:
     return [(1 - weight) * a + weight * b for a, b in zip(by_r[low], by_r[high], strict=True)]
 
 
-class CostTable:
-    """The measured cost table of one model (see the module docstring)."""
+class TimingTable:
+    """The measured timing table of one model (see the module docstring)."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """The r=auto controller: per batch, the least merging that keeps every queued auto request on time.
 
-Pure decision logic over an injected clock and an injected cost model (``server.costs``); it neither
+Pure decision logic over an injected clock and an injected time model (``timings.py``); it neither
 queues nor runs anything. Auto requests of one model share one FIFO queue; whoever forms batches calls
 
 - :meth:`AutoController.admit` when an auto request arrives: it raises :class:`Overloaded`, with a
@@ -11,14 +11,14 @@ queues nor runs anything. Auto requests of one model share one FIFO queue; whoev
 
 Prediction. Batches of the queue run in FIFO order at one r, each on the inference thread that frees
 first, after the work already handed to the threads (``busy_s``: seconds until each is free, from
-:class:`Backlog`), and take the cost table's time for their size. A request is on time if its batch
+:class:`Backlog`), and take the timing table's time for their size. A request is on time if its batch
 finishes by ``arrived + target``.
 
 Choice. Requests that would be late even at the strongest allowed r have lost their target; they
 count with a fresh target from now (done within one target from now), so they neither force the
 strongest merge (which would hurt everyone else) nor are ignored (a backlog of them would then run
 at r=0 and only grow), and those late even so are left out of the criterion.
-The *needed* r is the smallest usable r (see ``costs``: never a dominated one) that gets every other
+The *needed* r is the smallest usable r (see ``timings``: never a dominated one) that gets every other
 queued request done on time, and whose full batches keep up with the auto arrival rate of the last
 ``rate_window_s`` (counted at admission). The rate term matters under a steady load between two r's
 capacities: the queue alone would say "the larger r emptied me, a smaller one will do" after every
@@ -36,7 +36,7 @@ last ``hold_s`` seconds (a sliding-window maximum), snapped to the fastest usabl
 A load whose need flips between two levels faster than ``hold_s`` therefore sees one r, the larger.
 
 Not thread-safe by design: admission and batch formation both happen on the event loop. The only
-state shared with inference threads is :class:`Backlog` (locked) and the cost table (locked).
+state shared with inference threads is :class:`Backlog` (locked) and the timing table (locked).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class CostModel(Protocol):
-    """What the controller reads from the cost table (``server.costs.Snapshot``)."""
+class TimeModel(Protocol):
+    """What the controller reads from the timing table (``timings.Snapshot``)."""
 
     def seconds(self, r: int, batch_size: int) -> float: ...
 
@@ -103,7 +103,7 @@ class Overloaded(Exception):
 class AutoController:
     def __init__(
         self,
-        costs: Callable[[], CostModel],
+        timings: Callable[[], TimeModel],
         max_batch: int,
         max_r: int,
         lanes: int = 1,
@@ -111,13 +111,13 @@ class AutoController:
         rate_window_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``costs`` returns the current cost model (``CostTable.snapshot``); ``max_r`` is the
+        """``timings`` returns the current timings (``TimingTable.snapshot``); ``max_r`` is the
         server-wide cap (TOME_AUTO_MAX_R); ``lanes`` the batches that run side by side
         (TOME_INSTANCES); ``hold_s`` the hysteresis window; ``rate_window_s`` the window over which
         the arrival rate is counted."""
         if max_batch < 1 or lanes < 1 or hold_s < 0 or max_r < 0 or rate_window_s <= 0:
             raise ValueError("max_batch and lanes must be >= 1, hold_s and max_r >= 0, rate_window_s > 0")
-        self._costs, self._clock = costs, clock
+        self._costs, self._clock = timings, clock
         self.max_batch, self.max_r, self.lanes, self.hold_s = max_batch, max_r, lanes, hold_s
         self.rate_window_s = rate_window_s
         self._needs: deque[tuple[float, int]] = deque()  # (time, needed r), needed r decreasing
@@ -129,20 +129,20 @@ class AutoController:
         not even an idle server can meet a target, refusing cannot help: it is served as fast as its
         floor allows). Batches are assumed full (under load, later arrivals fill them), unless one full
         batch alone misses the target: then the queue's own batches count, else every request would be
-        refused, even on an idle server (seen when the cost table followed a loaded machine). ``busy_s``:
+        refused, even on an idle server (seen when the timing table followed a loaded machine). ``busy_s``:
         seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free)."""
-        costs, now = self._costs(), self._clock()
+        timings, now = self._costs(), self._clock()
         self._arrivals.append(now)
         self.arrival_rate()  # drops arrivals older than the window, so the deque stays bounded
-        r = costs.fastest_up_to(min(self.max_r, request.max_r), self.max_batch)
-        if now + costs.seconds(r, 1) > request.deadline:
+        r = timings.fastest_up_to(min(self.max_r, request.max_r), self.max_batch)
+        if now + timings.seconds(r, 1) > request.deadline:
             return
-        if now + costs.seconds(r, self.max_batch) <= request.deadline:
+        if now + timings.seconds(r, self.max_batch) <= request.deadline:
             sizes = [self.max_batch] * (len(queue) // self.max_batch + 1)
         else:  # not even one full batch meets the target: judge by the queue's own batches
             waiting = len(queue) + 1
             sizes = [min(self.max_batch, waiting - start) for start in range(0, waiting, self.max_batch)]
-        finish = now + self._batch_ends(costs, busy_s, r, sizes)[-1]
+        finish = now + self._batch_ends(timings, busy_s, r, sizes)[-1]
         if finish > request.deadline:
             raise Overloaded(finish - request.deadline, finish - request.arrived, request.target_s)
 
@@ -157,53 +157,55 @@ class AutoController:
         as for :meth:`admit`."""
         if not queue:
             raise ValueError("no batch to decide for: the queue is empty")
-        costs, now = self._costs(), self._clock()
+        timings, now = self._costs(), self._clock()
         size = min(len(queue), self.max_batch)
         cap = min(self.max_r, *(waiting.max_r for waiting in queue[:size]))
-        needed = max(self._needed_for_targets(costs, now, queue, busy_s), self._needed_for_rate(costs))
-        r = costs.fastest_up_to(min(self._hold(now, needed), cap), size)
-        late = self._on_time(costs, now, queue, busy_s, r).count(False)
-        return Decision(r, needed, size, costs.seconds(r, size), late)
+        needed = max(self._needed_for_targets(timings, now, queue, busy_s), self._needed_for_rate(timings))
+        r = timings.fastest_up_to(min(self._hold(now, needed), cap), size)
+        late = self._on_time(timings, now, queue, busy_s, r).count(False)
+        return Decision(r, needed, size, timings.seconds(r, size), late)
 
     def _needed_for_targets(
-        self, costs: CostModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float]
+        self, timings: TimeModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float]
     ) -> int:
         """The smallest usable r that gets every savable queued request done on time. A request
         late even at the strongest r has lost its target; it must not force the strongest r, but
         neither may it be ignored (a backlog of such requests, e.g. after a burst that waited in
         decoding, would otherwise run at r=0 and grow): it counts with a fresh target from now."""
         size = min(len(queue), self.max_batch)
-        strongest = costs.fastest_up_to(self.max_r, size)
-        lost = self._on_time(costs, now, queue, busy_s, strongest)
+        strongest = timings.fastest_up_to(self.max_r, size)
+        lost = self._on_time(timings, now, queue, busy_s, strongest)
         queue = [w if ok else Waiting(now, w.target_s, w.max_r) for w, ok in zip(queue, lost, strict=True)]
-        savable = self._on_time(costs, now, queue, busy_s, strongest)
-        for r in costs.usable(size):
+        savable = self._on_time(timings, now, queue, busy_s, strongest)
+        for r in timings.usable(size):
             if r >= strongest:
                 break
-            if all(map(_implies, savable, self._on_time(costs, now, queue, busy_s, r))):
+            if all(map(_implies, savable, self._on_time(timings, now, queue, busy_s, r))):
                 return r
         return strongest
 
-    def _needed_for_rate(self, costs: CostModel) -> int:
+    def _needed_for_rate(self, timings: TimeModel) -> int:
         """The smallest usable r whose full batches keep up with the arrival rate. Without this, a
         load between two r's capacities cycles: the larger r empties the queue, the targets then
         need less, r steps down after the hold, the queue grows again, and so on."""
         rate = self.arrival_rate()
-        usable = [r for r in costs.usable(self.max_batch) if r <= self.max_r]
+        usable = [r for r in timings.usable(self.max_batch) if r <= self.max_r]
         for r in usable:
-            if self.lanes * self.max_batch / costs.seconds(r, self.max_batch) >= rate:
+            if self.lanes * self.max_batch / timings.seconds(r, self.max_batch) >= rate:
                 return r
         return usable[-1]
 
     def _on_time(
-        self, costs: CostModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float], r: int
+        self, timings: TimeModel, now: float, queue: Sequence[Waiting], busy_s: Sequence[float], r: int
     ) -> list[bool]:
         """Whether each of the FIFO ``queue`` finishes by its deadline if all its batches run at ``r``."""
         sizes = [min(self.max_batch, len(queue) - start) for start in range(0, len(queue), self.max_batch)]
-        ends = self._batch_ends(costs, busy_s, r, sizes)
+        ends = self._batch_ends(timings, busy_s, r, sizes)
         return [now + ends[index // self.max_batch] <= w.deadline for index, w in enumerate(queue)]
 
-    def _batch_ends(self, costs: CostModel, busy_s: Sequence[float], r: int, sizes: list[int]) -> list[float]:
+    def _batch_ends(
+        self, timings: TimeModel, busy_s: Sequence[float], r: int, sizes: list[int]
+    ) -> list[float]:
         """Seconds from now until each batch (FIFO, at ``r``) ends, each started on the inference
         thread that frees first."""
         if len(busy_s) > self.lanes:
@@ -211,7 +213,7 @@ class AutoController:
         free = sorted([*busy_s, *[0.0] * (self.lanes - len(busy_s))])
         ends = []
         for size in sizes:
-            end = heapq.heappop(free) + costs.seconds(r, size)
+            end = heapq.heappop(free) + timings.seconds(r, size)
             heapq.heappush(free, end)
             ends.append(end)
         return ends

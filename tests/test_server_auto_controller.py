@@ -1,4 +1,4 @@
-"""The r=auto controller against a fake clock and a fake cost table (tests/autofakes.py): r rises with
+"""The r=auto controller against a fake clock and a fake timing table (tests/autofakes.py): r rises with
 the backlog, falls back to 0 when idle, never picks a dominated r, respects the floor, sheds only when
 the floor cannot meet the target, and does not oscillate under a steady load. Deterministic: the
 simulations below move the fake clock from event to event, nothing sleeps."""
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, cpu_like, warmed_table, with_slow_r20
 
-from tome_serve.controller import AutoController, Backlog, Overloaded, Waiting
+from tome_serve.auto.controller import AutoController, Backlog, Overloaded, Waiting
 
 TARGET_S = 0.25
 
@@ -304,7 +304,7 @@ def test_a_backlog_that_lost_its_target_still_raises_r():
 
 
 def test_admission_does_not_refuse_an_idle_server_s_work_when_a_full_batch_misses_the_target():
-    """A target below one full batch's time (a cost table that followed a loaded machine): the
+    """A target below one full batch's time (a timing table that followed a loaded machine): the
     queue's own batches decide, so an empty server admits, and a long queue still sheds."""
     clock = FakeClock()
     target = 0.8 * cpu_like(0, MAX_BATCH)

@@ -1,7 +1,7 @@
 """Prometheus metrics of r=auto: the r it chose, latency against the target, met/missed/shed, and the
-measured cost table. The dashboard (deploy/grafana), the recording rules and the autoscaling rules
+measured timing table. The dashboard (deploy/grafana), the recording rules and the autoscaling rules
 (deploy/k8s/auto) query exactly these names; ``model`` is a loaded model's name, nothing else is a
-label of unbounded cardinality (``r`` and ``batch_size`` are grid values of the cost table)."""
+label of unbounded cardinality (``r`` and ``batch_size`` are grid values of the timing table)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .costs import CostTable
+from .timings import TimingTable
 
-# Chosen r: the cost table's grid is 0, 4, 8, ... up to a model's r_max (24 for ViT-S/16, larger for
+# Chosen r: the timing table's grid is 0, 4, 8, ... up to a model's r_max (24 for ViT-S/16, larger for
 # bigger inputs), so every grid value below 32 is its own bucket.
 R_BUCKETS = (0, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96)
 # Latency / target: 1.0 is the line between met and missed; finer around it.
@@ -26,9 +26,9 @@ class AutoMetrics:
     """Registers the r=auto metrics in ``registry`` (the server's own, see ``server.metrics``)."""
 
     def __init__(
-        self, registry: CollectorRegistry, tables: Callable[[], Iterable[CostTable]], lanes: int = 1
+        self, registry: CollectorRegistry, tables: Callable[[], Iterable[TimingTable]], lanes: int = 1
     ) -> None:
-        """``tables`` returns the cost table of every loaded model at scrape time; ``lanes`` is the
+        """``tables`` returns the timing table of every loaded model at scrape time; ``lanes`` is the
         number of batches of one model that run side by side (TOME_INSTANCES)."""
         self.chosen_r = Histogram(
             "tome_auto_r",
@@ -57,7 +57,7 @@ class AutoMetrics:
             ["model"],
             registry=registry,
         )
-        registry.register(CostCollector(tables, lanes))
+        registry.register(TimingCollector(tables, lanes))
 
     def answered(self, model: str, r: int, latency_s: float, target_s: float) -> None:
         self.chosen_r.labels(model).observe(r)
@@ -71,10 +71,10 @@ class AutoMetrics:
         self.outcomes.labels(model, SHED).inc()
 
 
-class CostCollector(Collector):
-    """The cost tables as gauges, read at scrape time (they change with every real batch)."""
+class TimingCollector(Collector):
+    """The timing tables as gauges, read at scrape time (they change with every real batch)."""
 
-    def __init__(self, tables: Callable[[], Iterable[CostTable]], lanes: int = 1) -> None:
+    def __init__(self, tables: Callable[[], Iterable[TimingTable]], lanes: int = 1) -> None:
         self._tables, self._lanes = tables, lanes
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
@@ -96,7 +96,7 @@ class CostCollector(Collector):
         labels = ["model", "r", "batch_size"]
         speed = GaugeMetricFamily(
             "tome_cost_images_per_second",
-            "Measured images/s of one batch of batch_size images at r (cost table of r=auto).",
+            "Measured images/s of one batch of batch_size images at r (timing table of r=auto).",
             labels=labels,
         )
         dominated = GaugeMetricFamily(

@@ -1,0 +1,202 @@
+"""One served model, one object: its :class:`Lane` holds the loaded model, its inference worker (the
+threads that run its batches), its queues and how their batches are planned and run, and its r=auto
+with the measured timing table and latency target.
+
+The service looks a model's lane up by name and leaves everything model-specific to it: checking a
+request against the model (:meth:`Lane.admit`), refusing it while its queue has no room or r=auto
+cannot meet its target (:meth:`Lane.check_room`), and queueing its decoded image (:meth:`Lane.submit`).
+The batcher's hooks point here: a batch is planned by :meth:`_plan` (a fixed r, or r=auto's choice)
+and run by :meth:`_run_batch`, which hands r=auto the batch's ticket (every batch, fixed r too, takes
+the same inference threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
+from .batching import Batch, Batcher, BatchPlan, BatchPolicy
+from .config import Settings
+from .errors import BadRequest, QueueFull
+from .hardware import ThreadPlan
+from .inference import ForwardGate, InferenceWorker
+from .item import Item, QueueKey, Result, Want
+from .metrics import Metrics
+from .models import LoadedModel
+from .params import AUTO, ParamError, auto_params, top_k
+
+log = logging.getLogger(__name__)
+
+
+class Lane:
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: Settings,
+        threads: ThreadPlan,
+        metrics: Metrics,
+        auto_metrics: AutoMetrics,
+        gate: ForwardGate,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.worker = InferenceWorker(model, metrics, threads.instances, threads.torch_threads, gate)
+        policy = BatchPolicy(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.max_delay_s,
+            max_queue_size=settings.max_queue,
+            max_concurrent_batches=threads.instances,
+            # A full batch waits ready beside those running, so an inference thread starts the
+            # next batch the moment it finishes one, without a round trip through the event loop.
+            ready_batches=1,
+        )
+        self.batcher = Batcher(
+            policy,
+            self._run_batch,
+            lambda key, depth: metrics.set_queue_depth(key.model, key.r, depth),
+            self._plan,
+        )
+        self._auto_metrics = auto_metrics
+        self.auto: AutoR | None = None
+        """Set by :meth:`warm`."""
+        self.target_ms = settings.request_timeout_ms
+        """The latency target of r=auto requests that name none (TOME_LATENCY_TARGET_MS, or derived)."""
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    # -- start-up (on the loading thread) ---------------------------------------------------------
+
+    def warm(self) -> None:
+        """Run a batch of every size, then measure r=auto's timing table within TOME_AUTO_WARMUP_S and
+        set the latency target. Blocks; runs before /readyz turns 200."""
+        settings, limits = self.settings, self.model.limits
+        self.worker.warm(tuple(sorted({1, settings.max_batch_size})))
+        table = TimingTable(self.name, limits.auto_ceiling, settings.max_batch_size)
+        started = time.monotonic()
+        cells = table.warm_up(self.worker.time_batch, budget_s=settings.auto_warmup_s)
+        full = table.snapshot().seconds(0, settings.max_batch_size)
+        if settings.latency_target_ms is not None:
+            self.target_ms = settings.latency_target_ms
+        else:  # two full batches at r=0: one running plus one's own (docs/r-auto.md)
+            self.target_ms = min(math.ceil(2 * full * 1000 / 10) * 10, settings.request_timeout_ms)
+        self.auto = AutoR(table, limits.auto_ceiling, self.worker.instances, self._auto_metrics)
+        self._auto_metrics.target.labels(self.name).set(self.target_ms / 1000.0)
+        log.info(
+            "%s: r=auto timing table: %d cells measured in %.1f s (r=0, batch %d: %.0f ms); latency target "
+            "%g ms%s; auto ceiling %d",
+            self.name,
+            cells,
+            time.monotonic() - started,
+            settings.max_batch_size,
+            full * 1000,
+            self.target_ms,
+            "" if settings.latency_target_ms is not None else " (derived: 2 full batches at r=0)",
+            limits.auto_ceiling,
+        )
+
+    # -- one request ------------------------------------------------------------------------------
+
+    def admit(
+        self,
+        r: str | int | None,
+        want: Want,
+        arrived: float,
+        *,
+        target_ms: float | str | None = None,
+        max_r: int | str | None = None,
+    ) -> Item:
+        """The request as an :class:`Item` (its image still to come), its parameters checked against
+        this model: :class:`BadRequest` (422) saying what is allowed otherwise."""
+        model, settings = self.model, self.settings
+        try:
+            chosen = model.limits.r(r)
+            auto = auto_params(
+                chosen,
+                target_ms,
+                max_r,
+                model.limits,
+                default_target_ms=self.target_ms,
+                timeout_ms=settings.request_timeout_ms,
+            )
+            want = self._resolve(want)
+        except ParamError as exc:
+            raise BadRequest(str(exc)) from None
+        future = asyncio.get_running_loop().create_future()
+        deadline = arrived + settings.request_timeout_s
+        return Item(model.name, chosen, None, want, arrived, deadline, future, auto)
+
+    def _resolve(self, want: Want) -> Want:
+        if want.top_k == 0:
+            return want
+        if not self.model.num_classes:
+            raise ParamError(f"{self.name} has no classifier head; use /visualize")
+        return Want(top_k=top_k(want.top_k, self.model.num_classes), merge_map=want.merge_map)
+
+    def check_room(self, item: Item) -> None:
+        """429 (or 503 when shutting down) now if ``item``'s queue would refuse it; for r=auto also
+        429 when even the request's auto ceiling cannot meet its target behind the queue (Retry-After
+        from the same prediction)."""
+        self.batcher.check_room(item.key)
+        waiting = item.waiting
+        if waiting is None or self.auto is None:
+            return
+        try:
+            self.auto.admit(self._backlog(item.key, self.batcher.queued(item.key)), waiting)
+        except Overloaded as exc:
+            raise QueueFull(
+                f"r=auto cannot answer {self.name} within {waiting.target_s * 1000:g} ms even at "
+                f"r={waiting.max_r}: {exc}",
+                exc.retry_after_s,
+            ) from None
+
+    def submit(self, item: Item) -> None:
+        """Queue ``item`` (decoded) in the place :meth:`Batcher.reserve` kept for it."""
+        self.batcher.submit(item, reserved=True)
+
+    def answered(self, item: Item, result: Result | None) -> None:
+        """For r=auto's metrics: ``item`` was answered with ``result``, or timed out (None)."""
+        if self.auto is None or item.auto is None:
+            return
+        if result is None:
+            self.auto.timed_out()
+        else:
+            self.auto.answered(result.r, time.monotonic() - item.arrived, item.auto.target_s)
+
+    # -- the batcher's hooks ----------------------------------------------------------------------
+
+    def _plan(self, key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
+        """A fixed-r queue's batch runs at its r; an auto queue's batch at the r the controller
+        chooses for the queued requests, and takes as many as it says."""
+        if key.r != AUTO or self.auto is None:
+            return BatchPlan(0 if key.r == AUTO else key.r)
+        decision = self.auto.choose(self._backlog(key, queued))
+        return BatchPlan(decision.r, decision.batch_size)
+
+    def _backlog(self, key: QueueKey, queued: Sequence[Item]) -> list[Waiting]:
+        """What r=auto plans for: the queued requests of ``key``, oldest first, then those still
+        being decoded (with one instance on every core they decode only between batches, so the
+        queue alone would hide most of a burst)."""
+        waiting = [item.waiting for item in queued] + list(self.batcher.coming(key))
+        return [w for w in waiting if w is not None]
+
+    async def _run_batch(self, batch: Batch) -> None:
+        if self.auto is None:  # only while warming up
+            await self.worker.run(batch)
+            return
+        ticket = self.auto.handed(batch.r, len(batch.items))
+        try:
+            await self.worker.run(batch, ticket)
+        finally:
+            ticket.finished(None)  # no-op unless the batch never reached the model
+
+    # -- shutting down ----------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        await self.batcher.drain()
+        self.worker.close()
