@@ -9,6 +9,7 @@ Any problem raises :class:`StartupError` with a message that says what to do abo
 from __future__ import annotations
 
 import logging
+
 import torch
 from torch import nn
 

@@ -9,8 +9,8 @@ from autofakes import MAX_BATCH, R_MAX, FakeClock, cpu_like, warmed_table
 from prometheus_client import CollectorRegistry
 
 from tome_serve.auto import AutoR
-from tome_serve.auto.metrics import AutoMetrics
 from tome_serve.auto.controller import Overloaded, Waiting
+from tome_serve.auto.metrics import AutoMetrics
 from tome_serve.auto.timings import TimingTable
 
 
