@@ -62,7 +62,7 @@ if ls is not None:
             self.max_pixels = settings.max_pixels
 
         def decode_request(self, request: Request) -> torch.Tensor:
-            from tome_serve.decode import decode_image
+            from tome_serve.images import decode_image
 
             data = request["file"].file.read()
             return self.loaded.preprocessor(decode_image(data, self.max_pixels, reduce_to=self.reduce_to))

@@ -17,11 +17,10 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from . import demo, errors, probes, routes
-from .auth import BearerAuthMiddleware
 from .config import Settings
 from .loading import StartupError, load_model
 from .metrics import Metrics
-from .middleware import RequestIdMiddleware, RequestMetricsMiddleware
+from .middleware import BearerAuthMiddleware, RequestIdMiddleware, RequestMetricsMiddleware
 from .service import InferenceService, Loader
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ up; each item's future gets a :class:`~.item.Result` holding only its own image'
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -35,7 +36,6 @@ from .item import Prediction, Result
 from .metrics import Metrics
 from .models import LoadedModel
 from .params import AUTO
-from .render import merge_map_png
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +241,12 @@ def _top_k(logits: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[flo
     probabilities = logits.float().softmax(dim=-1)
     scores, indices = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)
     return indices.cpu().tolist(), scores.cpu().tolist()
+
+
+def merge_map_png(pixels: torch.Tensor, source: torch.Tensor, patch_size: tuple[int, int]) -> bytes:
+    """Draw which patches of ``pixels`` (the resized, cropped uint8 [3, H, W] model input) merged
+    into which token; ``source`` is the final token of every input token."""
+    image = tome.visualize(pixels.permute(1, 2, 0).numpy(), source, patch_size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -18,10 +18,10 @@ import tome
 from . import weights as weights_io
 from .config import Settings
 from .hardware import resolve_dtype
+from .images import Preprocessor
 from .labels import class_labels
 from .models import LoadedModel
 from .params import RLimits
-from .preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 

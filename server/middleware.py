@@ -1,4 +1,4 @@
-"""ASGI middleware: the request id (set once, here) and the request metrics.
+"""ASGI middleware: the request id (set once, here), the request metrics and the API key.
 
 :class:`RequestIdMiddleware` takes the client's ``X-Request-ID`` when it is a sane token, or makes
 one, and puts it where everything else reads it: ``request.state.request_id`` for handlers and
@@ -8,10 +8,18 @@ routes, the :data:`request_id` context variable for logging (:class:`RequestIdLo
 :class:`RequestMetricsMiddleware` sees every answer of the inference endpoints, including the 422s
 FastAPI produces before a route runs and the 401s of the auth layer. Routes put the validated
 (model, r) into the request state with :func:`set_metric_labels`; until then both are "none".
+
+:class:`BearerAuthMiddleware` is the optional bearer-key authentication, for every path except the
+probes, the metrics and the demo page. It is ASGI middleware rather than a route dependency so that
+nothing can be added later (docs, new routes) without being covered. The demo page's HTML, script
+and samples hold nothing secret and must load in a browser, which cannot add a header to a page
+load; the page then sends the key (typed into its own field) with every API call it makes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import time
@@ -19,6 +27,7 @@ import uuid
 from contextvars import ContextVar
 
 from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import UNLABELLED, Metrics
@@ -98,3 +107,42 @@ class RequestMetricsMiddleware:
         finally:
             model, r = state.get(_LABELS_KEY, (UNLABELLED, UNLABELLED))
             self.metrics.observe_request(model, r, endpoint, status, time.perf_counter() - started)
+
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+DEMO_PATHS = frozenset({"/"})
+DEMO_PREFIX = "/static/"
+
+
+def is_open(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    if path in OPEN_PATHS:
+        return True
+    reads = scope.get("method") in ("GET", "HEAD")
+    return reads and (path in DEMO_PATHS or path.startswith(DEMO_PREFIX))
+
+
+class BearerAuthMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key_digest = hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open(scope) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        body = {"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"}
+        request_id = scope.get("state", {}).get("request_id")
+        response = JSONResponse(
+            {**body, "request_id": request_id} if request_id else body,
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # Comparing digests keeps the comparison constant-time and independent of the key's length.
+        given = hashlib.sha256(token.strip()).digest()
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given, self._key_digest)

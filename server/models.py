@@ -14,8 +14,8 @@ from torch import nn
 
 import tome
 
+from .images import Preprocessor
 from .params import RLimits
-from .preprocess import Preprocessor
 
 
 @dataclass(frozen=True)

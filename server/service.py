@@ -7,7 +7,7 @@
 2. **check room**: 429 now if its queue is full or r=auto cannot meet its target, before the upload is
    read (a refused upload is discarded unread);
 3. **read** the upload and reserve the item's place in its queue (its batch waits for it meanwhile);
-4. **decode** and preprocess the image in the decoding threads (decode.py, preprocess.py; between
+4. **decode** and preprocess the image in the decoding threads (images.py; between
    batches when one instance takes every core);
 5. **queue** it in its (model, r) queue, where the lane's batcher forms batches and its inference
    threads run them (batching.py, inference.py);
@@ -31,9 +31,9 @@ import torch
 
 from .auto import AutoMetrics
 from .config import Settings
-from .decode import decode_image
 from .errors import ClientGone, DeadlineExceeded, QueueFull, Unavailable, UnknownModel
 from .hardware import ThreadPlan, plan_threads
+from .images import decode_image
 from .inference import ForwardGate
 from .item import Item, Result, Want
 from .lane import Lane

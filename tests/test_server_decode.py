@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tome_serve.decode import ImageError, decode_image
+from tome_serve.images import ImageError, decode_image
 
 LIMIT = 10_000_000
 

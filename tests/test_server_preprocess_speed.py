@@ -18,8 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from timm.data import create_transform, resolve_model_data_config
 
-from tome_serve.decode import DRAFTED_FROM, decode_image
-from tome_serve.preprocess import Preprocessor
+from tome_serve.images import DRAFTED_FROM, Preprocessor, decode_image
 
 MODELS = {
     "vit_small_patch16_224": {},  # crop_pct 0.9: resize 248, crop 224
@@ -138,7 +137,7 @@ def test_small_and_non_jpeg_images_are_decoded_in_full() -> None:
 
 
 def test_pixel_limit_applies_to_the_declared_size() -> None:
-    from tome_serve.decode import ImageError
+    from tome_serve.images import ImageError
 
     with pytest.raises(ImageError) as caught:
         decode_image(jpeg(photo_like(2000, 1500)), 2_000_000, reduce_to=248)
