@@ -131,10 +131,10 @@ class BatchQueue:
     def items(self) -> tuple[Item, ...]:
         return tuple(self._items)
 
-    def check_room(self) -> None:
+    def check_room(self, count: int = 1) -> None:
         if self._closing:
             raise _shutting_down()
-        if len(self._items) + len(self._coming) >= self._policy.max_queue_size:
+        if len(self._items) + len(self._coming) + count > self._policy.max_queue_size:
             model, r = self.key
             detail = f"the queue for model {model} at r={r} is full; retry later"
             raise QueueFull(detail, self.retry_after_s())
@@ -306,14 +306,14 @@ class Batcher:
         queue = self._queues.get(key)
         return queue.items if queue else ()
 
-    def check_room(self, key: QueueKey) -> None:
-        """Raise now if an item for ``key`` would be refused, so callers can refuse before doing
-        any expensive work."""
+    def check_room(self, key: QueueKey, count: int = 1) -> None:
+        """Raise now if ``count`` items for ``key`` would be refused, so callers can refuse before
+        doing any expensive work."""
         if self._closed:
             raise _shutting_down()
         queue = self._queues.get(key)
         if queue is not None:
-            queue.check_room()
+            queue.check_room(count)
 
     def coming(self, key: QueueKey) -> tuple[Waiting | None, ...]:
         """The ``waiting`` of each item reserved in ``key``'s queue and still on its way."""

@@ -8,6 +8,7 @@ from the exception.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -35,6 +36,13 @@ class ServeError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def at(self, index: int) -> ServeError:
+        """The same error, its message naming the request's input ``index`` it is about."""
+        error = copy.copy(self)
+        error.detail = f"input[{index}]: {self.detail}"
+        error.args = (error.detail,)
+        return error
 
 
 class BadRequest(ServeError):

@@ -30,6 +30,7 @@ import torch
 
 import tome
 
+from . import pooling
 from .batching import Batch
 from .errors import BatchFailed
 from .item import Prediction, Result
@@ -44,7 +45,10 @@ log = logging.getLogger(__name__)
 class _Forward:
     """What one forward pass over a batch gave."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
+    """None unless predictions were asked for."""
+    embeddings: dict[str, torch.Tensor]
+    """Per pooling asked for, the batch's embeddings (on the CPU)."""
     info: tome.MergeInfo
     seconds: float
 
@@ -152,18 +156,19 @@ class InferenceWorker:
         """Runs in an inference thread."""
         model, items = self.model, batch.items
         top_k = max(item.want.top_k for item in items) if model.num_classes else 0
-        trace = any(item.want.merge_map for item in items)
+        poolings = {item.want.pooling for item in items} - {None}
+        trace = any(item.want.merge_map for item in items) or "patch" in poolings
         if observer is not None:
             observer.started()
         try:
-            out = self._forward(batch.r, [item.pixels for item in items], trace)
+            out = self._forward(batch.r, [item.pixels for item in items], trace, top_k > 0, poolings)
         except BaseException:
             if observer is not None:
                 observer.finished(None)
             raise
         if observer is not None:
             observer.finished(out.seconds)
-        indices, scores = _top_k(out.logits, top_k)
+        indices, scores = _top_k(out.logits, top_k) if top_k else ([[]] * len(items), [[]] * len(items))
         results = []
         for i, item in enumerate(items):
             k = item.want.top_k
@@ -182,6 +187,7 @@ class InferenceWorker:
                     target_s=None if item.auto is None else item.auto.target_s,
                     predictions=predictions,
                     merge_map_png=png,
+                    embedding=out.embeddings[item.want.pooling][i] if item.want.pooling else None,
                     input_tokens=out.info.input_tokens,
                     token_counts=list(out.info.token_counts),
                     batch_size=len(items),
@@ -191,16 +197,33 @@ class InferenceWorker:
             )
         return results
 
-    def _forward(self, r: int, pixels: list[torch.Tensor], trace_source: bool) -> _Forward:
-        model = self.model
+    def _forward(
+        self,
+        r: int,
+        pixels: list[torch.Tensor],
+        trace_source: bool,
+        logits: bool = True,
+        poolings: set[str] | frozenset[str] = frozenset(),
+    ) -> _Forward:
+        """One forward pass over ``pixels`` at ``r``: the logits (the model's ``forward`` is
+        ``head(forward_head(forward_features(x), pre_logits=True))``) and the embeddings pooled each
+        way in ``poolings``."""
+        model, module = self.model, self.model.module
         started = time.perf_counter()
         merging = tome.merging(r=r, trace_source=trace_source)
         with self._gate.forward(), torch.inference_mode(), merging as info:
             batch = torch.stack(pixels).to(device=model.device, non_blocking=True)
-            logits = model.module(model.preprocessor.normalize(batch, model.dtype))
+            features = module.forward_features(model.preprocessor.normalize(batch, model.dtype))
+            pre_logits = (
+                module.forward_head(features, pre_logits=True) if logits or "model" in poolings else None
+            )
+            out = module.head(pre_logits) if logits else None
+            embeddings = {
+                p: pooling.pool(module, features, p, pre_logits, info.source).cpu() for p in poolings
+            }
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
-        return _Forward(logits, info, time.perf_counter() - started)
+        return _Forward(out, embeddings, info, time.perf_counter() - started)
 
     def warm(self, batch_sizes: tuple[int, ...]) -> None:
         """Run dummy batches of every size at the default r (0 for auto; and one traced), so the first real

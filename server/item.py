@@ -22,13 +22,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Want:
-    """What to compute for an image: its ``top_k`` predictions and/or its merge map.
+    """What to compute for an image: its ``top_k`` predictions, its merge map and/or its embedding.
 
     ``top_k`` 0 asks for no predictions; None for the default (5, at most the number of classes);
     the query's text until the lane checks it (``params.top_k``) when the request is admitted."""
 
     top_k: int | str | None = 0
     merge_map: bool = False
+    pooling: str | None = None
+    """An embedding pooled this way (pooling.py); None for no embedding."""
 
 
 class QueueKey(NamedTuple):
@@ -95,6 +97,8 @@ class Result:
     """Best first; empty unless predictions were asked for."""
     merge_map_png: bytes | None
     """The merge map drawn over the model input, when asked for."""
+    embedding: torch.Tensor | None
+    """The float32 embedding ([D], or [patches, D] for ``patch`` pooling), when asked for."""
     input_tokens: int
     token_counts: list[int]
     """Tokens left after each block."""

@@ -13,11 +13,13 @@ the same inference threads).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Sequence
 
+from . import pooling
 from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
 from .batching import Batch, Batcher, BatchPlan, BatchPolicy
 from .config import Settings
@@ -107,12 +109,14 @@ class Lane:
         r: str | int | None,
         want: Want,
         arrived: float,
+        count: int = 1,
         *,
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
-    ) -> Item:
-        """The request as an :class:`Item` (its image still to come), its parameters checked against
-        this model: :class:`BadRequest` (422) saying what is allowed otherwise."""
+    ) -> list[Item]:
+        """The request as one :class:`Item` per image (``count`` of them, their images still to come),
+        its parameters checked against this model: :class:`BadRequest` (422) saying what is allowed
+        otherwise."""
         model, settings = self.model, self.settings
         try:
             chosen = model.limits.r(r)
@@ -127,27 +131,32 @@ class Lane:
             want = self._resolve(want)
         except ParamError as exc:
             raise BadRequest(str(exc)) from None
-        future = asyncio.get_running_loop().create_future()
-        deadline = arrived + settings.request_timeout_s
-        return Item(model.name, chosen, None, want, arrived, deadline, future, auto)
+        loop, deadline = asyncio.get_running_loop(), arrived + settings.request_timeout_s
+        return [
+            Item(model.name, chosen, None, want, arrived, deadline, loop.create_future(), auto)
+            for _ in range(count)
+        ]
 
     def _resolve(self, want: Want) -> Want:
+        if want.pooling is not None and (why := pooling.unavailable(self.model.module, want.pooling)):
+            raise ParamError(why)
         if want.top_k == 0:
             return want
         if not self.model.num_classes:
-            raise ParamError(f"{self.name} has no classifier head; use /visualize")
-        return Want(top_k=top_k(want.top_k, self.model.num_classes), merge_map=want.merge_map)
+            raise ParamError(f"{self.name} has no classifier head; use /v1/embeddings or /visualize")
+        return dataclasses.replace(want, top_k=top_k(want.top_k, self.model.num_classes))
 
-    def check_room(self, item: Item) -> None:
-        """429 (or 503 when shutting down) now if ``item``'s queue would refuse it; for r=auto also
-        429 when even the request's auto ceiling cannot meet its target behind the queue (Retry-After
-        from the same prediction)."""
-        self.batcher.check_room(item.key)
-        waiting = item.waiting
+    def check_room(self, items: Sequence[Item]) -> None:
+        """429 (or 503 when shutting down) now if the queue of ``items`` (one request's) would refuse
+        them; for r=auto also 429 when even the request's auto ceiling cannot meet its target behind the
+        queue (Retry-After from the same prediction)."""
+        key, waiting = items[0].key, items[-1].waiting
+        self.batcher.check_room(key, len(items))
         if waiting is None or self.auto is None:
             return
+        ahead = self._backlog(key, self.batcher.queued(key)) + [item.waiting for item in items[:-1]]
         try:
-            self.auto.admit(self._backlog(item.key, self.batcher.queued(item.key)), waiting)
+            self.auto.admit(ahead, waiting)
         except Overloaded as exc:
             raise QueueFull(
                 f"r=auto cannot answer {self.name} within {waiting.target_s * 1000:g} ms even at "
@@ -155,9 +164,24 @@ class Lane:
                 exc.retry_after_s,
             ) from None
 
+    def reserve(self, items: Sequence[Item]) -> None:
+        """Hold a place in the queue for each of ``items`` while their images are decoded (a batch
+        waits for them meanwhile); all or none."""
+        for done, item in enumerate(items):
+            try:
+                self.batcher.reserve(item.key, item.waiting)
+            except BaseException:
+                for reserved in items[:done]:
+                    self.batcher.release(reserved.key, reserved.waiting)
+                raise
+
     def submit(self, item: Item) -> None:
-        """Queue ``item`` (decoded) in the place :meth:`Batcher.reserve` kept for it."""
+        """Queue ``item`` (decoded) in the place :meth:`reserve` kept for it."""
         self.batcher.submit(item, reserved=True)
+
+    def release(self, item: Item) -> None:
+        """Give up the place kept for ``item``: its image will not come."""
+        self.batcher.release(item.key, item.waiting)
 
     def answered(self, item: Item, result: Result | None) -> None:
         """For r=auto's metrics: ``item`` was answered with ``result``, or timed out (None)."""

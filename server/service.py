@@ -31,7 +31,7 @@ import torch
 
 from .auto import AutoMetrics
 from .config import Settings
-from .errors import ClientGone, DeadlineExceeded, QueueFull, Unavailable, UnknownModel
+from .errors import BadRequest, ClientGone, DeadlineExceeded, QueueFull, ServeError, Unavailable, UnknownModel
 from .hardware import ThreadPlan, plan_threads
 from .images import decode_image
 from .inference import ForwardGate
@@ -55,13 +55,17 @@ class Phase(StrEnum):
 
 
 class Upload(Protocol):
-    """A request's image as it arrives (the routes adapt an HTTP request to this)."""
+    """A request's images as they arrive (the routes adapt an HTTP request to this)."""
+
+    count: int
+    """How many images the request holds (known before they are read)."""
 
     def admitted(self, model: str, r: RChoice) -> None:
         """The request was admitted for ``model`` at ``r`` (its metric labels)."""
 
-    async def read(self) -> bytes:
-        """The image's bytes (4xx errors.ImageError/BadRequest for a bad upload)."""
+    async def read(self) -> list[bytes | ServeError]:
+        """Each image's bytes, or the 4xx error of an image that cannot be read; raises a ServeError
+        when the request as a whole is malformed."""
 
     async def discard(self) -> None:
         """Read and drop the upload of a request refused before it was used."""
@@ -73,14 +77,16 @@ class Upload(Protocol):
 class Arrived:
     """An upload that has arrived already (the image's bytes), from a client that stays."""
 
+    count = 1
+
     def __init__(self, image: bytes) -> None:
         self._image = image
 
     def admitted(self, model: str, r: RChoice) -> None:
         pass
 
-    async def read(self) -> bytes:
-        return self._image
+    async def read(self) -> list[bytes | ServeError]:
+        return [self._image]
 
     async def discard(self) -> None:
         pass
@@ -128,54 +134,120 @@ class InferenceService:
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
     ) -> Result:
-        """The result for one image (see the module docstring); raises an errors.ServeError subtype,
-        or ClientGone, when there is none. ``r`` is an integer, "auto", its query text, or None (the
-        model's default r); ``target_ms`` and ``max_r`` apply to r=auto only. ``upload`` as bytes is an
-        image that has arrived already: such a request is still taken while draining."""
+        """The result for a request of one image; raises its errors.ServeError (or ClientGone)."""
+        (answer,) = await self.infer_all(model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def infer_all(
+        self,
+        model: str | None,
+        r: int | str | None,
+        upload: Upload | bytes,
+        want: Want,
+        arrived: float | None = None,
+        *,
+        target_ms: float | str | None = None,
+        max_r: int | str | None = None,
+        each_on_its_own: bool = False,
+    ) -> list[Result | ServeError]:
+        """The request path (see the module docstring): a result per image of ``upload``, in order.
+        ``r`` is an integer, "auto", its query text, or None (the model's default r); ``target_ms``
+        and ``max_r`` apply to r=auto only. ``upload`` as bytes is one image that has arrived already:
+        such a request is still taken while draining.
+
+        An image that cannot be read or decoded fails the whole request before any is queued (its
+        error names its index), unless ``each_on_its_own``: then its error takes its place in the list
+        and the other images are still answered. Errors of the request as a whole (admission, room,
+        deadline, the client hanging up) are raised."""
         arrived = time.monotonic() if arrived is None else arrived
         if isinstance(upload, bytes):
             upload, taking = Arrived(upload), (Phase.READY, Phase.DRAINING)
         else:
             taking = (Phase.READY,)
         lane = self._lane(model, taking)
-        item = lane.admit(r, want, arrived, target_ms=target_ms, max_r=max_r)
-        upload.admitted(lane.name, item.r)
+        if upload.count > self.settings.max_queue:
+            queue = self.settings.max_queue
+            raise BadRequest(f"{upload.count} images are more than a queue holds (TOME_MAX_QUEUE={queue})")
+        items = lane.admit(r, want, arrived, upload.count, target_ms=target_ms, max_r=max_r)
+        upload.admitted(lane.name, items[0].r)
         try:
-            lane.check_room(item)
+            lane.check_room(items)
         except QueueFull:
             await upload.discard()
             raise
-        image = await upload.read()
-        lane.batcher.reserve(item.key, item.waiting)  # its batch waits for it while it decodes
+        images = await upload.read()
+        lane.reserve(items)  # their batches wait for them while they decode
+        answers: list[Result | ServeError] = await asyncio.gather(
+            *(self._decode(lane, item, image) for item, image in zip(items, images, strict=True))
+        )
+        failed = [(i, error) for i, error in enumerate(answers) if isinstance(error, ServeError)]
+        if failed and not each_on_its_own:
+            for item, answer in zip(items, answers, strict=True):
+                if answer is None:
+                    lane.release(item)
+            index, error = failed[0]
+            raise error.at(index) if len(items) > 1 else error
+        queued = [item for item, answer in zip(items, answers, strict=True) if answer is None]
+        for item in queued:
+            lane.submit(item)
+        results = iter(await self._results(lane, queued, upload))
+        return [next(results) if answer is None else answer for answer in answers]
+
+    async def _decode(self, lane: Lane, item: Item, image: bytes | ServeError) -> ServeError | None:
+        """Decode ``image`` into ``item.pixels`` in a decoding thread; its error, which gives up the
+        item's place, or None."""
+        if isinstance(image, ServeError):
+            lane.release(item)
+            return image
         try:
             item.pixels = await asyncio.get_running_loop().run_in_executor(
                 self._decode_pool, self._prepare, lane.model, image
             )
+        except ServeError as error:
+            lane.release(item)
+            return error
         except BaseException:
-            lane.batcher.release(item.key, item.waiting)
+            lane.release(item)
             raise
-        lane.submit(item)
-        return await self._result(lane, item, upload)
+        return None
 
-    async def _result(self, lane: Lane, item: Item, upload: Upload) -> Result:
-        """``item``'s result once its batch ran; DeadlineExceeded at its deadline, ClientGone when the
-        client hangs up first. Either way it leaves its queue and any late result is dropped."""
+    async def _results(self, lane: Lane, items: list[Item], upload: Upload) -> list[Result | ServeError]:
+        """The result (or error) of each of ``items`` once its batch ran. DeadlineExceeded at their
+        deadline and ClientGone when the client hangs up first are the whole request's; either way
+        every item leaves its queue and any late result is dropped."""
         hangup = asyncio.ensure_future(upload.gone())
+        pending = {item.future for item in items}
         try:
-            async with asyncio.timeout_at(_loop_time(item.deadline)):
-                await asyncio.wait({item.future, hangup}, return_when=asyncio.FIRST_COMPLETED)
-                if not item.future.done():
-                    raise ClientGone()
-                result = item.future.result()
-        except (TimeoutError, DeadlineExceeded):
-            lane.answered(item, None)
+            async with asyncio.timeout_at(_loop_time(items[0].deadline) if items else None):
+                while pending:
+                    done, _ = await asyncio.wait(pending | {hangup}, return_when=asyncio.FIRST_COMPLETED)
+                    if hangup in done:
+                        raise ClientGone()
+                    pending -= done
+        except TimeoutError:
+            for item in items:
+                lane.answered(item, None)
             raise self._timed_out() from None
         finally:
             hangup.cancel()
-            if item.live:
-                lane.batcher.withdraw(item)
-        lane.answered(item, result)
-        return result
+            for item in items:
+                if item.live:
+                    lane.batcher.withdraw(item)
+        answers: list[Result | ServeError] = []
+        for item in items:
+            error = item.future.exception()
+            if error is None:
+                answers.append(item.future.result())
+                lane.answered(item, answers[-1])
+            elif isinstance(error, ServeError):
+                answers.append(error)
+                if isinstance(error, DeadlineExceeded):  # expired while queued
+                    lane.answered(item, None)
+            else:
+                raise error
+        return answers
 
     def _lane(self, model: str | None, taking: tuple[Phase, ...]) -> Lane:
         if self.phase not in taking:

@@ -10,7 +10,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from .errors import BadRequest, ImageError
+from .errors import BadRequest, ImageError, ServeError
 from .middleware import set_metric_labels
 
 MULTIPART_ALLOWANCE = 64 * 1024
@@ -22,14 +22,16 @@ FIELD = "file"
 class HttpUpload:
     """The image of one HTTP request, read within ``limit`` bytes."""
 
+    count = 1
+
     def __init__(self, request: Request, limit: int) -> None:
         self._request, self._limit = request, limit
 
     def admitted(self, model: str, r: int | str) -> None:
         set_metric_labels(self._request.scope.setdefault("state", {}), model, r)
 
-    async def read(self) -> bytes:
-        return await read_image_bytes(self._request, self._limit)
+    async def read(self) -> list[bytes | ServeError]:
+        return [await read_image_bytes(self._request, self._limit)]
 
     async def discard(self) -> None:
         await discard_body(self._request, self._limit)
