@@ -1,12 +1,15 @@
-"""Start the real tome-serve server in a subprocess for tests.
+"""Start the real tome-serve server in a subprocess for tests, and the helpers every server test shares.
 
 ``with run_server() as base_url: ...`` runs ``python -m tome_serve`` on a free loopback port with a tiny
 randomly initialised ViT (:data:`TINY_MODEL_ENV`), waits until ``/readyz`` answers 200, and stops the
-server with SIGTERM on exit (the same graceful drain a container runtime triggers).
+server with SIGTERM on exit (the same graceful drain a container runtime triggers). The helpers: request
+bodies (:func:`encode`, :func:`png`), readiness (:func:`is_ready`, :func:`wait_until`) and metric values
+read from an exposition (:func:`metric_value`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,12 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tiny import NAME, TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +82,6 @@ def server_env(env: dict[str, str] | None = None, port: int | None = None) -> di
     full = {**os.environ, **TINY_MODEL_ENV, **(env or {})}
     full["TOME_HOST"] = "127.0.0.1"
     full["TOME_PORT"] = str(port or free_port())
-    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full.setdefault("PYTHONUNBUFFERED", "1")
     return full
 
@@ -113,17 +117,63 @@ def start_server(
 
 
 def wait_until_ready(server: ServerProcess, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until ``/readyz`` is 200; a server process that exits first fails at once, with its log."""
+
+    def ready() -> bool:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"server not ready after {timeout}s\n{server.log()[-4000:]}")
+        with httpx.Client(base_url=server.url, timeout=2.0) as client:
+            return is_ready(client)
+
+    wait_until(ready, timeout, "/readyz 200", server.log)
+
+
+def is_ready(client: httpx.Client) -> bool:
+    """``/readyz`` answers 200. A server not listening yet counts as not ready. Starlette's TestClient is
+    an ``httpx.Client`` too, so in-process apps are asked the same way."""
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    log: Callable[[], str] = lambda: "",
+    poll_s: float = 0.1,
+) -> None:
+    """Poll ``condition`` until it holds; past ``timeout``, fail naming ``what``, with ``log()``'s tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} not within {timeout:.0f} s\n{log()[-4000:]}")
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    """``image`` as the bytes of a file in ``fmt`` (Pillow's save options passed on)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def png(colour: tuple[int, int, int] | str = (90, 140, 200), size: tuple[int, int] = (64, 64)) -> bytes:
+    """A one-colour PNG: a valid upload whose content does not matter to the test."""
+    return encode(Image.new("RGB", size, colour))
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``, in a Prometheus text
+    exposition (0 when none match, as for a series not created yet)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 @contextmanager

@@ -8,7 +8,6 @@ With an engine, ``TOME_DOCKER_TESTS=1`` also builds the image and runs it for re
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import os
 import shutil
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -188,7 +186,7 @@ def build_wheel_from_copied_files(tmp_path: Path) -> Path:
 def test_server_from_the_image_contents_serves_requests(tmp_path):
     """Build the wheel the image installs from exactly the copied files, then run the server from that
     wheel alone (not from the checkout): catches a module or package-data file the image would miss."""
-    from serverutil import ServerProcess, server_env, wait_until_ready
+    from serverutil import ServerProcess, png, server_env, wait_until_ready
 
     wheel = build_wheel_from_copied_files(tmp_path)
     packages = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
@@ -218,11 +216,9 @@ def test_server_from_the_image_contents_serves_requests(tmp_path):
             [sys.executable, "-S", "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
         ).stdout
         assert paths.count(str(installed)) == 2, paths
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 48), "green").save(buffer, format="PNG")
         answer = httpx.post(
             f"{server.url}/classify?r=8",
-            files={"file": ("a.png", buffer.getvalue(), "image/png")},
+            files={"file": ("a.png", png("green", (64, 48)), "image/png")},
             timeout=30,
         )
         assert answer.status_code == 200, answer.text
@@ -258,29 +254,13 @@ def docker_engine_or_skip() -> None:
     assert info.returncode == 0, f"TOME_DOCKER_TESTS=1 but the engine does not answer: {info.stderr[-2000:]}"
 
 
-def wait_for(condition, timeout: float, what: str, log=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout:.0f}s\n{log()[-4000:]}")
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @pytest.mark.timeout(3600)
 def test_the_image_serves_runs_as_non_root_reports_healthy_and_drains_on_stop():
     """Build the Dockerfile, run it with the tiny random model, and check what a user and an orchestrator
     rely on: readiness, one classification, uid 10001, the HEALTHCHECK status, and a drain on
     `docker stop` (every in-flight request answered, exit code 0)."""
     docker_engine_or_skip()
-    from serverutil import TINY_MODEL_ENV, free_port
+    from serverutil import TINY_MODEL_ENV, free_port, is_ready, wait_until
 
     tag = "tome-serve:test"
     docker("build", "--network", "host", *DOCKER_BUILD_ARGS, "-t", tag, str(REPO), timeout=3000)
@@ -303,7 +283,8 @@ def test_the_image_serves_runs_as_non_root_reports_healthy_and_drains_on_stop():
         return result.stdout + result.stderr
 
     try:
-        wait_for(lambda: ready(url), 300, "/readyz 200", logs)
+        with httpx.Client(base_url=url, timeout=2) as client:
+            wait_until(lambda: is_ready(client), 300, "/readyz 200", logs, poll_s=0.5)
         cat = (REPO / "server/static/samples/cat.jpg").read_bytes()
         answer = httpx.post(f"{url}/classify?r=8", files={"file": ("cat.jpg", cat)}, timeout=30)
         assert answer.status_code == 200, answer.text
@@ -315,7 +296,7 @@ def test_the_image_serves_runs_as_non_root_reports_healthy_and_drains_on_stop():
         def health() -> str:
             return docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()
 
-        wait_for(lambda: health() == "healthy", 90, "HEALTHCHECK healthy", logs)
+        wait_until(lambda: health() == "healthy", 90, "HEALTHCHECK healthy", logs, poll_s=0.5)
 
         codes: list[int] = []
 

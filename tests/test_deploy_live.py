@@ -5,7 +5,6 @@ label where they split by r."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
@@ -16,8 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from serverutil import png
 from test_deploy_docker import healthcheck_command
 from test_deploy_prometheus import NOT_YET_EXPORTED
 
@@ -30,9 +29,7 @@ RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 def live_metrics(tiny_server: str) -> str:
     """/metrics after answered (fixed and auto r), merged, visualized and rejected requests, so every
     series exists."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (96, 80), "orange").save(buffer, format="PNG")
-    image = buffer.getvalue()
+    image = png("orange", (96, 80))
     with httpx.Client(base_url=tiny_server, timeout=30) as client:
         for r in (0, 8, "auto"):
             response = client.post(f"/classify?r={r}", files={"file": ("a.png", image, "image/png")})

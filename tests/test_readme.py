@@ -1,5 +1,6 @@
-"""The README's front door works as written: its Python blocks run, and its commands name only files the
-repository ships (no paths that exist only on the development machines)."""
+"""The README's front door works as written: its Python blocks run, its commands name only files the
+repository ships (no paths that exist only on the development machines), its links resolve, and it stays
+a user's guide (short, no counts that go stale) while measurements live in docs/."""
 
 from __future__ import annotations
 
@@ -53,7 +54,75 @@ def test_commands_name_only_files_the_repository_ships():
     named = set(
         re.findall(r"(?<![\w/.-])((?:server|scripts|loadtest|deploy|bench|eval|tome|docs)/[\w./-]+)", shell)
     )
-    named |= set(re.findall(r"@((?:server|docs)/[\w./-]+)", README))
+    named |= set(re.findall(r"(?:=|\s)@([\w./-]+)", shell))  # curl uploads: -F file=@x, --data-binary @x
     assert named, "expected the commands to name repository files"
     missing = sorted(path for path in named if not (REPO / path.rstrip(".")).exists())
     assert not missing, missing
+
+
+DOCS = REPO / "docs"
+PAGES = {"README.md": README} | {f"docs/{page.name}": page.read_text() for page in sorted(DOCS.glob("*.md"))}
+# [text](target): relative targets only; http(s) and mailto links are not files of the repository.
+LINK = re.compile(r"\[[^\]]*\]\((?!https?://|mailto:)([^)\s]+)\)")
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(markdown: str) -> set[str]:
+    outside_code = re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+    return {slug(title) for title in re.findall(r"^#{1,6} (.+)$", outside_code, flags=re.MULTILINE)}
+
+
+def resolves(base: Path, target: str, page: str) -> bool:
+    """A link target (relative to the folder of the page it is on) names an existing file and heading."""
+    path, _, anchor = target.partition("#")
+    file = (base / path).resolve() if path else REPO / page
+    if not file.exists():
+        return False
+    return not anchor or file.suffix != ".md" or anchor in anchors(file.read_text())
+
+
+def test_the_readme_stays_a_guide_of_about_500_lines():
+    lines = README.count("\n")
+    assert lines <= 550, f"README.md has {lines} lines: move measurements and design notes to docs/"
+
+
+def test_the_readme_states_no_test_counts():
+    """Counts like "the suite has 419 tests" go stale with the next test added."""
+    count = r"\b\d[\d,]*\s+(?:tests?|passed|failed|skipped|errors?)\b"
+    counts = re.findall(count, README, flags=re.IGNORECASE)
+    assert not counts, counts
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_every_relative_link_resolves(page: str):
+    """Files and #anchors, from the README and from every docs page."""
+    base = (REPO / page).parent
+    broken = [target for target in LINK.findall(PAGES[page]) if not resolves(base, target, page)]
+    assert not broken, broken
+
+
+def test_the_readme_links_every_docs_page():
+    linked = {(REPO / target.partition("#")[0]).resolve() for target in LINK.findall(README)}
+    orphans = sorted(page.name for page in DOCS.glob("*.md") if page.resolve() not in linked)
+    assert not orphans, f"docs pages no README link leads to: {orphans}"
+
+
+def test_urls_name_only_local_addresses():
+    """The guide and the notes point at the server they describe, never at a package index."""
+    for page, text in PAGES.items():
+        hosts = set(re.findall(r"https?://([^/\s:'\"`)]+)", text))
+        assert hosts <= LOCAL_HOSTS, (page, sorted(hosts - LOCAL_HOSTS))
+
+
+def test_the_readme_quotes_the_torch_the_dockerfile_pins():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for arg in ("TORCH_VERSION", "TORCHVISION_VERSION"):
+        pinned = re.search(rf"^ARG {arg}=(\S+)$", dockerfile, flags=re.MULTILINE)
+        assert pinned, f"the Dockerfile no longer pins {arg}"
+        assert f"ARG {arg}={pinned[1]}" in README, f"README does not say the image pins {arg}={pinned[1]}"

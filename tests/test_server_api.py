@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from serverutil import TINY_MODEL_ENV, TINY_MODEL_KWARGS, run_server
+from serverutil import TINY_MODEL_ENV, TINY_MODEL_KWARGS, encode, metric_value, run_server
 from timm.data import create_transform
 
 import tome
@@ -50,12 +50,6 @@ def photo(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Ima
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
     return small.resize(size, Image.Resampling.BICUBIC).convert(mode)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def classify(client: httpx.Client, data: bytes, **params: object) -> httpx.Response:
@@ -337,23 +331,19 @@ def test_visualize_checks_parameters_too(client: httpx.Client) -> None:
 # -- metrics ---------------------------------------------------------------------------------------
 
 
-def metric_samples(client: httpx.Client) -> dict[str, list]:
+def exposition(client: httpx.Client) -> str:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    families = {family.name: family for family in text_string_to_metric_families(response.text)}
-    return {name: (family.type, family.samples) for name, family in families.items()}
-
-
-def value(samples: list, name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+    return response.text
 
 
 def test_metrics_exposition(client: httpx.Client) -> None:
-    before = metric_samples(client)
+    before = exposition(client)
     for _ in range(3):
         assert classify(client, encode(photo(10)), r=12).status_code == 200
     assert classify(client, encode(photo(10)), r=999).status_code == 422
-    after = metric_samples(client)
+    after = exposition(client)
+    types = {family.name: family.type for family in text_string_to_metric_families(after)}
 
     expected_types = {
         "tome_request_duration_seconds": "histogram",
@@ -367,33 +357,23 @@ def test_metrics_exposition(client: httpx.Client) -> None:
         "tome_model_info": "gauge",
     }
     for name, kind in expected_types.items():
-        assert after[name][0] == kind, name
+        assert types[name] == kind, name
     labels = {"model": MODEL, "r": "12"}
 
-    def delta(family: str, sample: str, **extra: str) -> float:
-        old = value(before[family][1], sample, **{**labels, **extra}) if family in before else 0.0
-        return value(after[family][1], sample, **{**labels, **extra}) - old
+    def delta(sample: str, **extra: str) -> float:
+        wanted = {**labels, **extra}
+        return metric_value(after, sample, **wanted) - metric_value(before, sample, **wanted)
 
-    assert delta("tome_requests", "tome_requests_total", endpoint="classify", code="200") == 3
-    duration = "tome_request_duration_seconds"
-    assert delta(duration, f"{duration}_count", endpoint="classify") == 3
-    assert delta("tome_images", "tome_images_total") == 3
+    assert delta("tome_requests_total", endpoint="classify", code="200") == 3
+    assert delta("tome_request_duration_seconds_count", endpoint="classify") == 3
+    assert delta("tome_images_total") == 3
     merged = TOKENS - tome.token_counts(TOKENS, DEPTH, 12)[-1]
-    assert delta("tome_tokens_merged", "tome_tokens_merged_total") == 3 * merged
-    assert delta("tome_queue_wait_seconds", "tome_queue_wait_seconds_count") == 3
-    assert delta("tome_batch_size", "tome_batch_size_sum") == 3
-    assert delta("tome_inference_seconds", "tome_inference_seconds_count") >= 1
-    assert value(after["tome_queue_depth"][1], "tome_queue_depth", **labels) == 0
+    assert delta("tome_tokens_merged_total") == 3 * merged
+    assert delta("tome_queue_wait_seconds_count") == 3
+    assert delta("tome_batch_size_sum") == 3
+    assert delta("tome_inference_seconds_count") >= 1
+    assert metric_value(after, "tome_queue_depth", **labels) == 0
     refused = {"model": "none", "r": "none", "endpoint": "classify", "code": "422"}
-    assert value(after["tome_requests"][1], "tome_requests_total", **refused) >= 1
-    assert (
-        value(
-            after["tome_model_info"][1],
-            "tome_model_info",
-            model=MODEL,
-            weights="random",
-            device="cpu",
-            dtype="float32",
-        )
-        == 1
-    )
+    assert metric_value(after, "tome_requests_total", **refused) >= 1
+    info = {"model": MODEL, "weights": "random", "device": "cpu", "dtype": "float32"}
+    assert metric_value(after, "tome_model_info", **info) == 1

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from PIL import Image
-from serverutil import run_server
+from serverutil import png, run_server
 
 KEY = "s3cret-key"
 
@@ -17,12 +15,6 @@ KEY = "s3cret-key"
 def url() -> Iterator[str]:
     with run_server({"TOME_API_KEY": KEY}) as base_url:
         yield base_url
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,12 @@ their queue long enough to observe: the queue holds 2, and the deadline (1.2 s) 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from serverutil import TINY_MODEL_ENV, run_server
+from serverutil import TINY_MODEL_ENV, metric_value, png, run_server
 
 MODEL = TINY_MODEL_ENV["TOME_MODEL"]
 DEADLINE_S = 1.2
@@ -33,20 +30,8 @@ def url() -> Iterator[str]:
         yield base_url
 
 
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (90, 140, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
+    return metric_value(httpx.get(f"{url}/metrics").text, name, **labels)
 
 
 async def wait_for_depth(url: str, r: int, depth: int, timeout: float = 5.0) -> float:

@@ -9,16 +9,11 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from serverutil import encode
 
 from tome_serve.images import ImageError, decode_image
 
 LIMIT = 10_000_000
-
-
-def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:

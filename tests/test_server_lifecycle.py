@@ -5,7 +5,6 @@ SIGTERM that finishes the queued requests before the process exits."""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import socket
 import subprocess
@@ -17,8 +16,16 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
-from serverutil import REPO_ROOT, TINY_MODEL_KWARGS, free_port, server_env, start_server
+from serverutil import (
+    REPO_ROOT,
+    TINY_MODEL_KWARGS,
+    free_port,
+    is_ready,
+    png,
+    server_env,
+    start_server,
+    wait_until,
+)
 
 import tome
 from tome_serve.app import create_app
@@ -28,19 +35,6 @@ from tome_serve.models import LoadedModel
 
 MODEL = "vit_tiny_patch16_224"
 TOKENS, DEPTH = 65, 4
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (20, 200, 90)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "never became ready"
-        time.sleep(0.05)
 
 
 def test_readyz_is_503_until_loaded_and_while_draining() -> None:
@@ -61,7 +55,7 @@ def test_readyz_is_503_until_loaded_and_while_draining() -> None:
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert client.get("/models").status_code == 503
         release.set()
-        wait_ready(client)
+        wait_until(lambda: is_ready(client), 30, "/readyz 200", poll_s=0.05)
         assert client.post("/classify", content=png()).status_code == 200
         app.state.service.begin_draining()  # what SIGTERM does first
         draining = client.get("/readyz")
@@ -83,7 +77,7 @@ def test_the_loading_thread_ends_once_the_models_are_loaded() -> None:
 
     settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
     with TestClient(create_app(settings, loader=recording_loader)) as client:
-        wait_ready(client)
+        wait_until(lambda: is_ready(client), 30, "/readyz 200", poll_s=0.05)
         [loader] = loaders
         loader.join(timeout=10)
         assert not loader.is_alive(), f"the loading thread {loader.name} outlived the loading"
@@ -114,7 +108,7 @@ def failing_at_r(r: int):
 def test_failing_batch_answers_500_with_request_id_and_server_keeps_serving(caplog) -> None:
     settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
     with TestClient(create_app(settings, loader=failing_at_r(FAIL_R))) as client:
-        wait_ready(client)
+        wait_until(lambda: is_ready(client), 30, "/readyz 200", poll_s=0.05)
         response = client.post(
             "/classify", params={"r": FAIL_R}, content=png(), headers={"x-request-id": "r-42"}
         )
@@ -195,7 +189,7 @@ def test_backbone_without_classifier_serves_visualize_only() -> None:
     kwargs = {**TINY_MODEL_KWARGS, "num_classes": 0}
     app = create_app(Settings(model=MODEL, weights="random", model_kwargs=kwargs, device="cpu"))
     with TestClient(app) as client:
-        wait_ready(client)
+        wait_until(lambda: is_ready(client), 30, "/readyz 200", poll_s=0.05)
         (info,) = client.get("/models").json()["models"]
         assert info["num_classes"] == 0 and "no classifier head" in info["notes"][0]
         refused = client.post("/classify", content=png())
@@ -232,7 +226,7 @@ def test_unsupported_model_fails_start_up() -> None:
 
 
 def test_invalid_settings_are_reported() -> None:
-    env = {**os.environ, "TOME_MAX_BATCH_SIZE": "0", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "TOME_MAX_BATCH_SIZE": "0"}
     result = run_cli(env=env, timeout=60)
     assert result.returncode == 2 and "max_batch_size" in result.stderr
     result = run_cli("--port", "not-a-port", timeout=60)
