@@ -76,6 +76,20 @@ class Settings(BaseSettings):
         "(60 s), so clients close first and never send into a connection the server is closing",
     )
     max_upload_bytes: int = Field(10 * MIB, ge=1, description="largest upload; larger ones get 413")
+    embed_max_items: int = Field(
+        32, ge=1, description="/v1/embeddings: most images in one request (at most TOME_MAX_QUEUE)"
+    )
+    embed_max_request_bytes: int = Field(
+        64 * MIB,
+        ge=1,
+        description="/v1/embeddings: largest request body; each image within TOME_MAX_UPLOAD_BYTES",
+    )
+    embed_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="/v1/embeddings: comma-separated hosts whose http(s) image URLs are fetched; empty: URL "
+        "inputs are refused (a server that fetches any URL is an SSRF hole)",
+    )
+    embed_url_timeout_s: float = Field(5.0, gt=0.0, description="/v1/embeddings: time limit of one URL fetch")
     max_pixels: int = Field(
         40_000_000, ge=1, description="largest image (width x height), checked before decoding"
     )
@@ -134,6 +148,13 @@ class Settings(BaseSettings):
             raise ValueError("--model-kwargs / TOME_MODEL_KWARGS must be a JSON object")
         return value
 
+    @field_validator("embed_url_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
+
     @field_validator("default_r", mode="before")
     @classmethod
     def _auto_or_integer(cls, value: object) -> object:
@@ -158,6 +179,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"--default-r / TOME_DEFAULT_R ({self.default_r}) is above "
                 f"--max-r / TOME_MAX_R ({self.max_r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _embed_items_fit_a_queue(self) -> Settings:
+        if self.embed_max_items > self.max_queue:
+            raise ValueError(
+                f"--embed-max-items / TOME_EMBED_MAX_ITEMS ({self.embed_max_items}) is above "
+                f"--max-queue / TOME_MAX_QUEUE ({self.max_queue}): such a request could never be queued"
             )
         return self
 

@@ -33,7 +33,7 @@ import tome
 from . import pooling
 from .batching import Batch
 from .errors import BatchFailed
-from .item import Prediction, Result
+from .item import Prediction, Result, Want
 from .metrics import Metrics
 from .models import LoadedModel
 from .params import AUTO
@@ -187,7 +187,7 @@ class InferenceWorker:
                     target_s=None if item.auto is None else item.auto.target_s,
                     predictions=predictions,
                     merge_map_png=png,
-                    embedding=out.embeddings[item.want.pooling][i] if item.want.pooling else None,
+                    embedding=_embedding(out, item.want, i),
                     input_tokens=out.info.input_tokens,
                     token_counts=list(out.info.token_counts),
                     batch_size=len(items),
@@ -252,6 +252,12 @@ class InferenceWorker:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)
+
+
+def _embedding(out: _Forward, want: Want, index: int) -> torch.Tensor | None:
+    if want.pooling is None:
+        return None
+    return pooling.finish(out.embeddings[want.pooling][index], want.dimensions, want.normalize)
 
 
 def _use_torch_threads(count: int) -> None:

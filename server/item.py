@@ -31,6 +31,10 @@ class Want:
     merge_map: bool = False
     pooling: str | None = None
     """An embedding pooled this way (pooling.py); None for no embedding."""
+    dimensions: int | None = None
+    """Keep the embedding's first ``dimensions`` values (then normalise, with ``normalize``)."""
+    normalize: bool = True
+    """Scale the embedding (each patch's, for ``patch``) to unit length."""
 
 
 class QueueKey(NamedTuple):

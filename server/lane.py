@@ -140,6 +140,11 @@ class Lane:
     def _resolve(self, want: Want) -> Want:
         if want.pooling is not None and (why := pooling.unavailable(self.model.module, want.pooling)):
             raise ParamError(why)
+        width = pooling.width(self.model.module, want.pooling) if want.pooling else 0
+        if want.dimensions is not None and not 1 <= want.dimensions <= width:
+            raise ParamError(
+                f"dimensions must be an integer from 1 to {width} for this model, got {want.dimensions}"
+            )
         if want.top_k == 0:
             return want
         if not self.model.num_classes:

@@ -74,7 +74,12 @@ class RequestIdLogFilter(logging.Filter):
         return True
 
 
-ENDPOINTS = {"/classify": "classify", "/visualize": "visualize"}
+ENDPOINTS = {
+    "/classify": "classify",
+    "/visualize": "visualize",
+    "/v1/embeddings": "embeddings",
+    "/embeddings": "embeddings",
+}
 _LABELS_KEY = "tome_metric_labels"
 
 

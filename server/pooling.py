@@ -31,6 +31,20 @@ def unavailable(module: nn.Module, pooling: str) -> str | None:
     return None
 
 
+def width(module: nn.Module, pooling: str) -> int:
+    """The length of one embedding (of one patch's, for ``patch``)."""
+    if pooling == "model":
+        return int(getattr(module, "head_hidden_size", module.num_features))
+    return int(module.embed_dim)
+
+
+def finish(embeddings: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:
+    """Truncate to ``dimensions`` (Matryoshka-style), then scale to unit length when ``normalize``."""
+    if dimensions is not None:
+        embeddings = embeddings[..., :dimensions]
+    return torch.nn.functional.normalize(embeddings, dim=-1) if normalize else embeddings
+
+
 def pool(
     module: nn.Module,
     features: torch.Tensor,

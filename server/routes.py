@@ -1,4 +1,4 @@
-"""The inference API: POST /classify, POST /visualize and GET /models.
+"""The inference API: POST /classify, POST /visualize, POST /v1/embeddings and GET /models.
 
 A route makes the one service call (``InferenceService.infer``: admit, check room, read the upload,
 decode, queue, await) with its query parameters and the request as the upload, and turns the Result
@@ -7,6 +7,7 @@ into the answer. Errors are exceptions (errors.py) that the app's exception hand
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Annotated
 from urllib.parse import quote
@@ -14,12 +15,19 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from .errors import ServeError
 from .item import Result, Want
 from .lane import Lane
 from .schemas import (
     AutoInfo,
     ClassifyResponse,
+    Embedding,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingTokens,
+    EmbeddingUsage,
     ErrorResponse,
+    ItemError,
     MeasuredTiming,
     ModelInfo,
     ModelsResponse,
@@ -29,7 +37,7 @@ from .schemas import (
     Tokens,
 )
 from .service import InferenceService
-from .upload import HttpUpload
+from .upload import HttpUpload, read_embeddings_request
 
 router = APIRouter()
 
@@ -156,6 +164,85 @@ async def visualize(
         "Server-Timing": f"queue;dur={timing.queue:.2f}, inference;dur={timing.inference:.2f}",
     }
     return Response(result.merge_map_png, media_type="image/png", headers=headers)
+
+
+_EMBEDDINGS_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "OpenAI's embeddings request (JSON), or the same fields as multipart form fields with "
+        "the images as files",
+        "content": {
+            "application/json": {"schema": EmbeddingsRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, openapi_extra=_EMBEDDINGS_BODY
+)
+@router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
+async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
+    """Embed images with the ToMe-patched model at the given r (or r=auto): OpenAI's and Infinity's
+    request and answer, plus the r and tokens of each image. ``/embeddings`` is the same (Infinity's path)."""
+    arrived = time.monotonic()
+    params, inputs = await read_embeddings_request(request, service.settings)
+    want = Want(pooling=params.pooling, dimensions=params.dimensions, normalize=params.normalize)
+    skip = params.on_error == "skip"
+    answers = await service.infer_all(
+        params.model,
+        params.r,
+        inputs,
+        want,
+        arrived,
+        target_ms=params.target_ms,
+        max_r=params.max_r,
+        each_on_its_own=skip,
+    )
+    failed = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, ServeError)]
+    if failed and (not skip or len(failed) == len(answers)):
+        index, error = failed[0]
+        raise error.at(index)
+    results = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, Result)]
+    first = results[0][1]
+    return EmbeddingsResponse(
+        data=[_embedding(i, result, params.encoding_format) for i, result in results],
+        model=first.model,
+        weights=first.weights,
+        pooling=params.pooling,
+        normalize=params.normalize,
+        usage=EmbeddingUsage(
+            prompt_tokens=sum(result.input_tokens for _, result in results),
+            total_tokens=sum(result.input_tokens for _, result in results),
+        ),
+        errors=[ItemError(index=i, status=error.status_code, message=error.detail) for i, error in failed],
+        request_id=request.state.request_id,
+    )
+
+
+def _embedding(index: int, result: Result, encoding: str) -> Embedding:
+    vector = result.embedding
+    assert vector is not None
+    if encoding == "base64":  # what OpenAI's clients decode: little-endian float32
+        encoded = base64.b64encode(vector.numpy().astype("<f4", copy=False).tobytes()).decode("ascii")
+    else:
+        encoded = vector.tolist()
+    return Embedding(
+        index=index,
+        embedding=encoded,
+        shape=list(vector.shape),
+        r=result.r,
+        r_auto=result.target_s is not None,
+        tokens=EmbeddingTokens(input=result.input_tokens, output=result.output_tokens),
+    )
 
 
 @router.get("/models", response_model=ModelsResponse)

@@ -112,3 +112,87 @@ class ErrorResponse(BaseModel):
 class Status(BaseModel):
     status: str
     detail: str | None = None
+
+
+# -- /v1/embeddings -----------------------------------------------------------------------------------
+
+Pooling = Literal["model", "cls", "mean", "patch"]
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's and Infinity's embeddings request, for images, with ToMe's r. As multipart form fields
+    too, with the images as files."""
+
+    model_config = {"extra": "forbid"}
+
+    input: str | list[str] = Field(
+        description="Images: base64 'data:image/...;base64,' URIs, plain base64, or http(s) URLs of hosts "
+        "the operator allows (TOME_EMBED_URL_HOSTS); one string or a list (at most TOME_EMBED_MAX_ITEMS)"
+    )
+    model: str | None = Field(None, description="A loaded model's name (default: the first one)")
+    modality: Literal["image"] | None = Field(None, description="Infinity's field; only 'image' is served")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float",
+        description="'base64': little-endian float32 bytes, base64-encoded (what OpenAI's clients ask)",
+    )
+    dimensions: int | None = Field(None, description="Keep the first N values, then re-normalise")
+    normalize: bool = Field(
+        True, description="Scale each embedding (each patch's, for 'patch') to unit length"
+    )
+    pooling: Pooling = Field(
+        "model",
+        description="'model': the model's own pooling and pre-logits head; 'cls': the class token; 'mean': "
+        "the mean over patches; 'patch': one embedding per input patch, [H/p * W/p, D]",
+    )
+    r: int | str | None = Field(None, description="Tokens merged per block, or 'auto' (the default)")
+    target_ms: float | None = Field(None, description="r=auto only: latency target in ms")
+    max_r: int | None = Field(None, description="r=auto only: the largest r this request accepts")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail",
+        description="'fail': a bad image makes the request a 4xx naming its index; 'skip': the answer holds "
+        "the good images and an 'errors' list (a 4xx only when every image failed)",
+    )
+    user: str | None = Field(None, description="Accepted for OpenAI compatibility; not used")
+
+
+class EmbeddingTokens(BaseModel):
+    input: int = Field(description="Tokens entering the first block")
+    output: int = Field(description="Tokens left after the last block")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(description="Position of the image in the request's input")
+    embedding: list[float] | list[list[float]] | str = Field(
+        description="The vector (floats or base64); for 'patch' pooling one row per patch (base64: rows "
+        "concatenated, see shape)"
+    )
+    shape: list[int] = Field(description="[D], or [patches, D] for 'patch' pooling")
+    r: int = Field(description="r this image was computed at")
+    r_auto: bool = Field(description="True when the server chose r (r=auto)")
+    tokens: EmbeddingTokens
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="Input tokens of every embedded image")
+    total_tokens: int
+
+
+class ItemError(BaseModel):
+    index: int
+    status: int
+    message: str
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    weights: str
+    pooling: Pooling
+    normalize: bool
+    usage: EmbeddingUsage
+    errors: list[ItemError] = Field(
+        default_factory=list, description="with on_error 'skip': images that failed"
+    )
+    request_id: str
