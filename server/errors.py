@@ -8,7 +8,6 @@ from the exception.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -39,8 +38,8 @@ class ServeError(Exception):
 
     def at(self, index: int) -> ServeError:
         """The same error, its message naming the request's input ``index`` it is about."""
-        error = copy.copy(self)
-        error.detail = f"input[{index}]: {self.detail}"
+        error = type(self).__new__(type(self))  # subclasses' __init__ take other arguments
+        error.__dict__.update(self.__dict__, detail=f"input[{index}]: {self.detail}")
         error.args = (error.detail,)
         return error
 
