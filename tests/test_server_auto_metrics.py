@@ -17,6 +17,7 @@ from tome_serve.auto.metrics import AutoMetrics
 
 
 def values(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``registry`` by name and labels (one scrape, so a test sees what Prometheus would)."""
     text = generate_latest(registry).decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

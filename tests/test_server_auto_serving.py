@@ -10,7 +10,6 @@ assertions are about which r the server chose, which follows its own measured ti
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from serverutil import run_server
+from serverutil import encode, metric_value, run_server
 
 KWARGS = {"embed_dim": 64, "depth": 12, "num_heads": 2}
 MAX_BATCH = 8
@@ -40,23 +38,21 @@ def url() -> Iterator[str]:
         yield base_url
 
 
-def png(seed: int) -> bytes:
+def noise(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encode(Image.fromarray(pixels))
 
 
-IMAGES = [png(seed) for seed in range(8)]
+IMAGES = [noise(seed) for seed in range(8)]
 
 
-async def send(http: httpx.AsyncClient, i: int, **params: object) -> httpx.Response:
+async def classify(http: httpx.AsyncClient, i: int, **params: object) -> httpx.Response:
     return await http.post("/classify", params=params, content=IMAGES[i % len(IMAGES)])
 
 
 async def together(url: str, params: list[dict]) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
-        return await asyncio.gather(*(send(http, i, **p) for i, p in enumerate(params)))
+        return await asyncio.gather(*(classify(http, i, **p) for i, p in enumerate(params)))
 
 
 async def burst(url: str, count: int, query: str) -> list[tuple[int, dict, dict]]:
@@ -125,18 +121,12 @@ def test_a_burst_raises_r_and_quiet_brings_it_back_to_zero(url: str) -> None:
         assert [a.json()["r"] for a in quiet] == [0] * MAX_BATCH
         time.sleep(1.5)
 
-    samples = {
-        (sample.name, sample.labels.get("outcome")): sample.value
-        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-        for sample in family.samples
-    }
-    assert samples[("tome_auto_requests_total", "met")] + samples[("tome_auto_requests_total", "missed")] == (
-        len(bodies) + 2 * MAX_BATCH
-    )
-    shed = samples.get(("tome_auto_requests_total", "shed"), 0)
-    assert shed == codes.count(429)
-    assert samples[("tome_auto_r_count", None)] == len(bodies) + 2 * MAX_BATCH
-    assert samples[("tome_auto_r_sum", None)] == sum(chosen)
+    exposition = httpx.get(f"{url}/metrics").text
+    answered = [metric_value(exposition, "tome_auto_requests_total", outcome=o) for o in ("met", "missed")]
+    assert sum(answered) == len(bodies) + 2 * MAX_BATCH
+    assert metric_value(exposition, "tome_auto_requests_total", outcome="shed") == codes.count(429)
+    assert metric_value(exposition, "tome_auto_r_count") == len(bodies) + 2 * MAX_BATCH
+    assert metric_value(exposition, "tome_auto_r_sum") == sum(chosen)
 
 
 def test_fixed_r_requests_mixed_with_auto_keep_their_r(url: str) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
-from serverutil import TINY_MODEL_KWARGS
+from serverutil import TINY_MODEL_KWARGS, png
 
 from tome_serve.app import create_app
 from tome_serve.config import Settings
@@ -19,12 +17,6 @@ from tome_serve.item import Result, Want
 from tome_serve.service import Arrived, InferenceService
 
 MODEL = "vit_tiny_patch16_224"
-
-
-def png(colour: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class NotReadYet(Arrived):
