@@ -30,7 +30,23 @@ def interleaved_seconds(
     device: torch.device | str = "cpu",
     on_round: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each variant, timing them in turn in every round.
+    """Median seconds per call of each variant, timed by :func:`interleaved_samples`."""
+    samples = interleaved_samples(variants, rounds, warmup, device, on_round)
+    return {name: median(values) for name, values in samples.items()}
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def interleaved_samples(
+    variants: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of every call of each variant (one per round), timing them in turn in every round.
 
     Interleaving spreads slow drifts of the machine (thermal, other load) over all variants
     instead of biasing whichever ran last, and every round runs them in a new random order (seeded,
@@ -49,4 +65,4 @@ def interleaved_seconds(
                 samples[name].append(time_call(variants[name], device))
             if on_round is not None:
                 on_round(i)
-    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+    return samples

@@ -3,6 +3,10 @@
 It shares no code with the tome package: it uses only the model's weights (linear layers, norms,
 layer scales) and writes out attention, matching, merging and pooling with explicit softmax and
 Python loops, so the tests can compare the optimised library against it.
+
+``rule="mlerp"`` replaces the paper's merge by Token Fusion's norm-preserving one (ToFu, Kim et al.,
+WACV 2024), written out group by group: each merged token is its group's size-weighted mean, rescaled
+to the largest norm among the tokens of the group.
 """
 
 from __future__ import annotations
@@ -32,8 +36,23 @@ def _attention(
     return attn.proj(out), k.mean(dim=0)
 
 
+def _mlerp(members: list[torch.Tensor], mean: torch.Tensor) -> torch.Tensor:
+    """``mean`` rescaled to the largest norm of the ``members`` it was averaged from."""
+    if len(members) == 1:
+        return mean
+    largest = max(float(member.norm()) for member in members)
+    norm = float(mean.norm())
+    return mean if norm == 0.0 else mean * (largest / norm)
+
+
 def _merge(
-    x: torch.Tensor, size: torch.Tensor, source: list[int], metric: torch.Tensor, r: int, protected: int
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: list[int],
+    metric: torch.Tensor,
+    r: int,
+    protected: int,
+    rule: str = "tome",
 ):
     n = x.shape[0]
     r = min(r, (n - protected) // 2)
@@ -59,7 +78,11 @@ def _merge(
     for old in range(n):
         sums[new_pos[old]] += x[old] * size[old]
         sizes[new_pos[old]] += size[old]
-    return sums / sizes[:, None], sizes, [new_pos[s] for s in source]
+    merged = sums / sizes[:, None]
+    if rule == "mlerp":
+        groups = [[x[old] for old in range(n) if new_pos[old] == new] for new in range(len(order))]
+        merged = torch.stack([_mlerp(members, mean) for members, mean in zip(groups, merged, strict=True)])
+    return merged, sizes, [new_pos[s] for s in source]
 
 
 def _map_pool(pool, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -92,10 +115,12 @@ def _head(model, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_forward(model, images: torch.Tensor, schedule: list[int], prop_attn: bool = True):
+def reference_forward(
+    model, images: torch.Tensor, schedule: list[int], prop_attn: bool = True, rule: str = "tome"
+):
     """Logits (or features for head-less pooling), token counts per layer and source maps per image.
 
-    ``model`` must be an unpatched timm VisionTransformer in eval mode.
+    ``model`` must be an unpatched timm VisionTransformer in eval mode; ``rule`` is "tome" or "mlerp".
     """
     tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     protected = model.num_prefix_tokens
@@ -107,7 +132,7 @@ def reference_forward(model, images: torch.Tensor, schedule: list[int], prop_att
         for block, r in zip(model.blocks, schedule, strict=True):
             out, metric = _attention(block.attn, block.norm1(x), size, prop_attn)
             x = x + block.ls1(out)
-            x, size, source = _merge(x, size, source, metric, r, protected)
+            x, size, source = _merge(x, size, source, metric, r, protected, rule)
             x = x + block.ls2(block.mlp(block.norm2(x)))
             per_layer.append(x.shape[0])
         x = model.norm(x)

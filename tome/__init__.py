@@ -2,12 +2,13 @@
 
 from .context import MergeInfo, merging
 from .flops import RCost, cost_table, flops, gmacs
-from .merge import bipartite_soft_matching
+from .merge import MERGE_RULES, bipartite_soft_matching
 from .patch import UnsupportedModelError, patch
 from .schedule import input_tokens, largest_useful_r, parse_r, parse_r_values, token_counts
 from .visualize import visualize
 
 __all__ = [
+    "MERGE_RULES",
     "MergeInfo",
     "RCost",
     "UnsupportedModelError",

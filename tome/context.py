@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .merge import check_rule
 from .schedule import RSpec
 
 
@@ -42,20 +43,27 @@ class _Request:
     r: RSpec | None
     trace_source: bool
     info: MergeInfo
+    merge: str | None = None
 
 
 _request: ContextVar[_Request | None] = ContextVar("tome_request", default=None)
 
 
 @contextmanager
-def merging(r: RSpec | None = None, trace_source: bool = False) -> Iterator[MergeInfo]:
-    """Override the merge schedule for patched-model calls made inside this block.
+def merging(
+    r: RSpec | None = None, trace_source: bool = False, merge: str | None = None
+) -> Iterator[MergeInfo]:
+    """Override the merge schedule and rule for patched-model calls made inside this block.
 
-    ``r=None`` keeps each model's own ``model.r``. The override is visible only to the current
+    ``r=None`` keeps each model's own ``model.r``; ``merge`` (one of :data:`tome.MERGE_RULES`) picks
+    how merged tokens combine, ``None`` keeping each model's own ``model.merge_rule``. An unknown
+    rule raises ValueError here, before any call. The override is visible only to the current
     thread or asyncio task. The yielded :class:`MergeInfo` is filled in by each call.
     """
+    if merge is not None:
+        check_rule(merge)
     info = MergeInfo()
-    token = _request.set(_Request(r=r, trace_source=trace_source, info=info))
+    token = _request.set(_Request(r=r, trace_source=trace_source, info=info, merge=merge))
     try:
         yield info
     finally:

@@ -9,6 +9,11 @@ sits at position 0 of A and is excluded there.
 
 After a merge the order is ``[prefix | unmerged A tokens in their old order | all B tokens]``.
 
+Merge rules (:data:`MERGE_RULES`) decide what features a group of merged tokens becomes; the matching
+is the same for all of them. ``"tome"`` is the paper's size-weighted mean. ``"mlerp"`` is Token Fusion's
+norm-preserving merge (ToFu, Kim et al., WACV 2024): the same mean, rescaled to the largest norm among
+the group's tokens, since averaging tokens that point in different directions shrinks the norm.
+
 Speed: a merge runs once per layer on a few hundred tokens, so at small batches its cost is the number
 of kernels it launches, not their arithmetic. Everything that depends only on the shapes (the rows of
 the A, B and prefix tokens in the flattened batch) is built once per (batch, tokens, r, device) and
@@ -24,6 +29,17 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+MERGE_RULES = ("tome", "mlerp")
+"""The merge rules, the default first."""
+
+
+def check_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`MERGE_RULES`, else ValueError naming the allowed ones."""
+    if rule not in MERGE_RULES:
+        allowed = ", ".join(repr(name) for name in MERGE_RULES)
+        raise ValueError(f"unknown merge rule {rule!r}: use one of {allowed}")
+    return rule
 
 
 def max_merge(num_tokens: int, num_protected: int) -> int:
@@ -115,8 +131,10 @@ class Match:
         out.index_add_(0, self._dst_rows, rows.index_select(0, self._src_rows))
         return out.view(self._batch, self.num_out, x.shape[-1])
 
-    def merge_weighted(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted average of merged tokens.
+    def merge_weighted(
+        self, x: torch.Tensor, size: torch.Tensor | None, rule: str = "tome"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge the tokens of ``x`` [B, N, C] by ``rule`` (see :data:`MERGE_RULES`).
 
         ``size`` is [B, N, 1] float32, None while every size is 1. Returns the merged ``x`` and the
         new sizes. Sizes are counted in float32 whatever the dtype of ``x`` (bfloat16 counts exactly
@@ -124,8 +142,10 @@ class Match:
 
         Only the merged rows are computed: a token that absorbs others moves towards each of them by
         its share of the new size, ``x_dst += s_src * (x_src - x_dst) / s_new``, which is the
-        size-weighted mean without weighting and unweighting every token.
+        size-weighted mean without weighting and unweighting every token. ``"mlerp"`` then rescales
+        each merged row to the largest norm among the tokens merged into it, see :func:`restore_norms`.
         """
+        check_rule(rule)
         batch, num_tokens, channels = x.shape
         rows = x.reshape(batch * num_tokens, channels)
         out = rows.index_select(0, self._survivor_rows)
@@ -139,7 +159,10 @@ class Match:
         new_size.index_add_(0, self._dst_rows, src_size)
         share = src_size / new_size.index_select(0, self._dst_rows)
         src = rows.index_select(0, self._src_rows)
-        out.index_add_(0, self._dst_rows, (src - out.index_select(0, self._dst_rows)) * share.to(x.dtype))
+        dst = out.index_select(0, self._dst_rows)
+        out.index_add_(0, self._dst_rows, (src - dst) * share.to(x.dtype))
+        if rule == "mlerp":
+            restore_norms(out, self._dst_rows, torch.maximum(_norms(src), _norms(dst)))
         return out.view(batch, self.num_out, channels), new_size.view(batch, self.num_out, 1)
 
     def follow(self, index: torch.Tensor) -> torch.Tensor:
@@ -153,6 +176,30 @@ class Match:
         dst = self._dst_rows.view(batch, -1) % self.num_out
         new_index.scatter_(1, src, dst)
         return new_index.gather(1, index)
+
+
+def _norms(rows: torch.Tensor) -> torch.Tensor:
+    """[M] float32 Euclidean norm of each row of ``rows`` [M, C]."""
+    return torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
+
+
+def restore_norms(out: torch.Tensor, dst_rows: torch.Tensor, member_norms: torch.Tensor) -> None:
+    """Rescale the merged rows ``out[dst_rows]`` in place to the largest of their members' norms.
+
+    ``member_norms`` [M] holds, for each merge edge, the larger norm of its source and of its
+    destination before the merge; a destination that absorbed several sources takes the largest of
+    all of them (``scatter_reduce`` with ``amax``). The norm is that of the rows being merged, the
+    block's hidden state (the residual stream), not of the keys that chose the pairs: the next
+    LayerNorm hides the shrinkage from the branches, but the residual sum does not, so a shrunken
+    token would be dominated by what later blocks add to it. A merged row of norm zero (tokens that
+    cancel out) has no direction to rescale and stays zero.
+    """
+    peak = torch.zeros(out.shape[0], dtype=torch.float32, device=out.device)
+    peak.scatter_reduce_(0, dst_rows, member_norms, reduce="amax")  # norms >= 0: the zeros never win
+    merged = out.index_select(0, dst_rows)
+    scale = peak.index_select(0, dst_rows) / _norms(merged).clamp_min(torch.finfo(torch.float32).tiny)
+    # A destination listed several times gets the same row each time, so duplicates agree.
+    out.index_copy_(0, dst_rows, merged * scale[:, None].to(out.dtype))
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int) -> Match:

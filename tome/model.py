@@ -18,23 +18,28 @@ from .state import CallState
 class ToMeVisionTransformer(VisionTransformer):
     """Mixin placed in front of the model's own class. Weights and state_dict keys are untouched.
 
-    ``r`` is the model's default schedule; :func:`tome.merging` overrides it per call.
+    ``r`` and ``merge_rule`` are the model's default schedule and merge rule; :func:`tome.merging`
+    overrides them per call.
     """
 
     r: object = 0
+    merge_rule: str = "tome"
     tome_prop_attn: bool = True
 
-    def _tome_request(self) -> tuple[list[int], bool]:
-        """This call's merge schedule and whether it traces sources, from tome.merging or model.r."""
+    def _tome_request(self) -> tuple[list[int], bool, str]:
+        """This call's merge schedule, whether it traces sources, and its merge rule, from
+        tome.merging or else the model's ``r`` and ``merge_rule``."""
         request = current_request()
-        r = self.r if request is None or request.r is None else request.r
-        trace = request is not None and request.trace_source
-        return parse_r(r, len(self.blocks)), trace
+        if request is None:
+            return parse_r(self.r, len(self.blocks)), False, self.merge_rule
+        r = self.r if request.r is None else request.r
+        rule = self.merge_rule if request.merge is None else request.merge
+        return parse_r(r, len(self.blocks)), request.trace_source, rule
 
-    def _tome_begin(self, x: torch.Tensor, trace: bool) -> tuple[torch.Tensor, CallState]:
+    def _tome_begin(self, x: torch.Tensor, trace: bool, rule: str) -> tuple[torch.Tensor, CallState]:
         """Embed the image and set up this call's state."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        return x, CallState.start(x, self.num_prefix_tokens, self.tome_prop_attn, trace)
+        return x, CallState.start(x, self.num_prefix_tokens, self.tome_prop_attn, trace, rule)
 
     def _tome_features(
         self,
@@ -43,8 +48,9 @@ class ToMeVisionTransformer(VisionTransformer):
         trace: bool = False,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        rule: str = "tome",
     ) -> tuple[torch.Tensor, CallState]:
-        x, state = self._tome_begin(x, trace)
+        x, state = self._tome_begin(x, trace, rule)
         _check_masks(schedule, attn_mask, is_causal)
         for block, r in zip(self.blocks, schedule, strict=True):
             x = block(x, attn_mask, is_causal, state=state, r=r)
@@ -63,19 +69,20 @@ class ToMeVisionTransformer(VisionTransformer):
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        schedule, trace = self._tome_request()
-        x, state = self._tome_features(x, schedule, trace, attn_mask, is_causal)
+        schedule, trace, rule = self._tome_request()
+        x, state = self._tome_features(x, schedule, trace, attn_mask, is_causal, rule)
         self._tome_finish(x, state)
         return x
 
-    def tome_forward(self, x: torch.Tensor, r: RSpec) -> torch.Tensor:
-        """``forward(x)`` merging with schedule ``r``, given explicitly.
+    def tome_forward(self, x: torch.Tensor, r: RSpec, merge: str | None = None) -> torch.Tensor:
+        """``forward(x)`` merging with schedule ``r`` and rule ``merge`` (None: ``model.merge_rule``).
 
         It reads no context variable and fills no :class:`MergeInfo` (the token counts of a schedule
         are :func:`tome.token_counts`), which makes it the entry point for ``torch.compile``; see
         :mod:`tome.compiled`.
         """
-        features, _ = self._tome_features(x, parse_r(r, len(self.blocks)))
+        rule = self.merge_rule if merge is None else merge
+        features, _ = self._tome_features(x, parse_r(r, len(self.blocks)), rule=rule)
         return self.forward_head(features)
 
     def forward_intermediates(
@@ -97,8 +104,8 @@ class ToMeVisionTransformer(VisionTransformer):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        schedule, _ = self._tome_request()
-        x, state = self._tome_begin(x, trace=True)
+        schedule, _, rule = self._tome_request()
+        x, state = self._tome_begin(x, True, rule)
         _check_masks(schedule, attn_mask, is_causal)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         taken = []

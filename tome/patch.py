@@ -19,10 +19,12 @@ _OWN_FORWARD = ("forward", "forward_features", "forward_intermediates", "pool")
 def patch(model: nn.Module, *, prop_attn: bool = True) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place for Token Merging and return it.
 
-    ``model.r`` (default 0: no merging) is the default schedule; ``tome.merging(r=...)`` overrides it
-    per call. ``prop_attn`` turns on proportional attention; switch it off for models trained without
-    it that never saw merged tokens (for example MAE). Patching twice only updates ``prop_attn``.
-    Raises :class:`UnsupportedModelError`, before changing anything, for models it cannot merge.
+    ``model.r`` (default 0: no merging) is the default schedule and ``model.merge_rule`` (default
+    ``"tome"``, see :data:`tome.MERGE_RULES`) the default merge rule; ``tome.merging(r=...,
+    merge=...)`` overrides them per call. ``prop_attn`` turns on proportional attention; switch it off
+    for models trained without it that never saw merged tokens (for example MAE). Patching twice only
+    updates ``prop_attn``. Raises :class:`UnsupportedModelError`, before changing anything, for
+    models it cannot merge.
     """
     problems = _problems(model)
     if problems:
@@ -34,6 +36,7 @@ def patch(model: nn.Module, *, prop_attn: bool = True) -> nn.Module:
             block.__class__ = ToMeBlock
         model.__class__ = tome_class(type(model))
         model.r = 0
+        model.merge_rule = "tome"
     model.tome_prop_attn = prop_attn
     return model
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .merge import bipartite_soft_matching
+from .merge import bipartite_soft_matching, check_rule
 
 
 @dataclass
@@ -18,6 +18,8 @@ class CallState:
     num_protected: int
     prop_attn: bool
     input_tokens: int
+    rule: str = "tome"
+    """The merge rule, one of tome.MERGE_RULES."""
     size: torch.Tensor | None = None
     """[B, N, 1] float32 token sizes; None while no token has been merged (all sizes are 1)."""
     bias: torch.Tensor | None = None
@@ -28,12 +30,14 @@ class CallState:
     token_counts: list[int] = field(default_factory=list)
 
     @classmethod
-    def start(cls, x: torch.Tensor, num_protected: int, prop_attn: bool, trace_source: bool) -> CallState:
+    def start(
+        cls, x: torch.Tensor, num_protected: int, prop_attn: bool, trace_source: bool, rule: str = "tome"
+    ) -> CallState:
         batch, num_tokens, _ = x.shape
         source = None
         if trace_source:
             source = torch.arange(num_tokens, device=x.device).expand(batch, -1)
-        return cls(num_protected, prop_attn, num_tokens, source=source)
+        return cls(num_protected, prop_attn, num_tokens, check_rule(rule), source=source)
 
     def attn_bias(self) -> torch.Tensor | None:
         """Proportional attention: log(size) added to every key's logit. None means plain attention."""
@@ -41,7 +45,7 @@ class CallState:
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int) -> torch.Tensor:
         match = bipartite_soft_matching(metric, r, self.num_protected)
-        x, self.size = match.merge_weighted(x, self.size)
+        x, self.size = match.merge_weighted(x, self.size, self.rule)
         if self.prop_attn:
             self.bias = self.size.log().to(x.dtype).view(x.shape[0], 1, 1, x.shape[1])
         if self.source is not None:
