@@ -135,8 +135,8 @@ class BatchQueue:
         if self._closing:
             raise _shutting_down()
         if len(self._items) + len(self._coming) + count > self._policy.max_queue_size:
-            model, r = self.key
-            detail = f"the queue for model {model} at r={r} is full; retry later"
+            model, r, merge = self.key
+            detail = f"the queue for model {model} at r={r} (merge {merge}) is full; retry later"
             raise QueueFull(detail, self.retry_after_s())
 
     @property

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .params import RChoice, parse_r_choice
+from .params import MergeRule, RChoice, parse_r_choice
 
 MIB = 1024 * 1024
 
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(10 * MIB, ge=1, description="largest upload; larger ones get 413")
     embed_max_items: int = Field(
-        32, ge=1, description="/v1/embeddings: most images in one request (at most TOME_MAX_QUEUE)"
+        32, ge=1, description="/v1/embeddings: most images in one request (and at most TOME_MAX_QUEUE)"
     )
     embed_max_request_bytes: int = Field(
         64 * MIB,
@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         "auto",
         description="r for requests that give none: 'auto' (r=auto: the least merging that meets the "
         "latency target) or an integer (capped at each model's r_max)",
+    )
+    default_merge: MergeRule = Field(
+        "tome",
+        description="merge rule of requests that name none: 'tome' (the paper's size-weighted average) or "
+        "'mlerp' (the average rescaled to the larger norm, ToFu)",
     )
     max_r: int | None = Field(
         None, ge=0, description="the server's ceiling on r; unset: each model's largest useful r"
@@ -179,15 +184,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"--default-r / TOME_DEFAULT_R ({self.default_r}) is above "
                 f"--max-r / TOME_MAX_R ({self.max_r})"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _embed_items_fit_a_queue(self) -> Settings:
-        if self.embed_max_items > self.max_queue:
-            raise ValueError(
-                f"--embed-max-items / TOME_EMBED_MAX_ITEMS ({self.embed_max_items}) is above "
-                f"--max-queue / TOME_MAX_QUEUE ({self.max_queue}): such a request could never be queued"
             )
         return self
 

@@ -150,6 +150,7 @@ class InferenceWorker:
             [result.queue_s for result in results],
             first.inference_s,
             first.input_tokens - first.output_tokens,
+            batch.key.merge,
         )
 
     def _compute(self, batch: Batch, observer: BatchObserver | None = None) -> list[Result]:
@@ -161,7 +162,8 @@ class InferenceWorker:
         if observer is not None:
             observer.started()
         try:
-            out = self._forward(batch.r, [item.pixels for item in items], trace, top_k > 0, poolings)
+            pixels = [item.pixels for item in items]
+            out = self._forward(batch.r, pixels, trace, top_k > 0, poolings, batch.key.merge)
         except BaseException:
             if observer is not None:
                 observer.finished(None)
@@ -184,6 +186,7 @@ class InferenceWorker:
                     model=model.name,
                     weights=model.weights,
                     r=batch.r,
+                    merge=batch.key.merge,
                     target_s=None if item.auto is None else item.auto.target_s,
                     predictions=predictions,
                     merge_map_png=png,
@@ -204,13 +207,14 @@ class InferenceWorker:
         trace_source: bool,
         logits: bool = True,
         poolings: set[str] | frozenset[str] = frozenset(),
+        merge: str | None = None,
     ) -> _Forward:
         """One forward pass over ``pixels`` at ``r``: the logits (the model's ``forward`` is
         ``head(forward_head(forward_features(x), pre_logits=True))``) and the embeddings pooled each
-        way in ``poolings``."""
+        way in ``poolings``, merging with rule ``merge`` (None: the model's default, ``merge_rule``)."""
         model, module = self.model, self.model.module
         started = time.perf_counter()
-        merging = tome.merging(r=r, trace_source=trace_source)
+        merging = tome.merging(r=r, trace_source=trace_source, merge=merge)
         with self._gate.forward(), torch.inference_mode(), merging as info:
             batch = torch.stack(pixels).to(device=model.device, non_blocking=True)
             features = module.forward_features(model.preprocessor.normalize(batch, model.dtype))

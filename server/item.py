@@ -44,6 +44,8 @@ class QueueKey(NamedTuple):
 
     model: str
     r: RChoice
+    merge: str = "tome"
+    """The merge rule (params.MERGE_RULES): batches never mix rules either."""
 
 
 @dataclass(eq=False)
@@ -62,6 +64,8 @@ class Item:
     future: asyncio.Future[Result]
     auto: AutoParams | None = None
     """An r=auto request's latency target and auto ceiling; None for a fixed r."""
+    merge: str = "tome"
+    """The merge rule it runs with."""
     enqueued_at: float = field(default_factory=time.monotonic)
     """When it joined its queue (set again by the queue)."""
 
@@ -72,7 +76,7 @@ class Item:
 
     @property
     def key(self) -> QueueKey:
-        return QueueKey(self.model, self.r)
+        return QueueKey(self.model, self.r, self.merge)
 
     @property
     def live(self) -> bool:
@@ -95,6 +99,8 @@ class Result:
     weights: str
     r: int
     """The r the batch ran at (for r=auto: the one chosen)."""
+    merge: str
+    """The merge rule it ran with."""
     target_s: float | None
     """The latency target r=auto aimed at; None for a fixed r."""
     predictions: list[Prediction]

@@ -29,7 +29,7 @@ from .inference import ForwardGate, InferenceWorker
 from .item import Item, QueueKey, Result, Want
 from .metrics import Metrics
 from .models import LoadedModel
-from .params import AUTO, ParamError, auto_params, top_k
+from .params import AUTO, ParamError, auto_params, merge_rule, top_k
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ class Lane:
         set the latency target. Blocks; runs before /readyz turns 200."""
         settings, limits = self.settings, self.model.limits
         self.worker.warm(tuple(sorted({1, settings.max_batch_size})))
-        table = TimingTable(self.name, limits.auto_ceiling, settings.max_batch_size)
+        table = TimingTable(
+            self.name, limits.auto_ceiling, settings.max_batch_size, merge=settings.default_merge
+        )
         started = time.monotonic()
         cells = table.warm_up(self.worker.time_batch, budget_s=settings.auto_warmup_s)
         full = table.snapshot().seconds(0, settings.max_batch_size)
@@ -113,6 +115,7 @@ class Lane:
         *,
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
+        merge: str | None = None,
     ) -> list[Item]:
         """The request as one :class:`Item` per image (``count`` of them, their images still to come),
         its parameters checked against this model: :class:`BadRequest` (422) saying what is allowed
@@ -129,11 +132,12 @@ class Lane:
                 timeout_ms=settings.request_timeout_ms,
             )
             want = self._resolve(want)
+            rule = merge_rule(merge, settings.default_merge)
         except ParamError as exc:
             raise BadRequest(str(exc)) from None
         loop, deadline = asyncio.get_running_loop(), arrived + settings.request_timeout_s
         return [
-            Item(model.name, chosen, None, want, arrived, deadline, loop.create_future(), auto)
+            Item(model.name, chosen, None, want, arrived, deadline, loop.create_future(), auto, rule)
             for _ in range(count)
         ]
 
@@ -218,7 +222,7 @@ class Lane:
         if self.auto is None:  # only while warming up
             await self.worker.run(batch)
             return
-        ticket = self.auto.handed(batch.r, len(batch.items))
+        ticket = self.auto.handed(batch.r, len(batch.items), batch.key.merge)
         try:
             await self.worker.run(batch, ticket)
         finally:

@@ -46,6 +46,7 @@ def load_model(name: str, settings: Settings) -> LoadedModel:
     module, weights, notes = _create(name, settings.weights, settings.model_kwargs)
     try:
         tome.patch(module)
+        module.merge_rule = settings.default_merge  # the rule of requests that name none
     except tome.UnsupportedModelError as exc:
         raise StartupError(f"{name} cannot be served with token merging: {exc}") from exc
     if not module.num_classes:

@@ -68,6 +68,12 @@ class Metrics:
             ["model", "r"],
             registry=reg,
         )
+        self.merge_rule_images = Counter(
+            "tome_merge_rule_images_total",
+            "Images run through a model, by merge rule (tome, mlerp).",
+            ["model", "merge"],
+            registry=reg,
+        )
         self.tokens_merged = Counter(
             "tome_tokens_merged_total",
             "Tokens removed by merging, summed over images.",
@@ -86,7 +92,13 @@ class Metrics:
         self.request_duration.labels(model, r, endpoint).observe(seconds)
 
     def observe_batch(
-        self, model: str, r: int, queue_waits: list[float], seconds: float, tokens_merged: int
+        self,
+        model: str,
+        r: int,
+        queue_waits: list[float],
+        seconds: float,
+        tokens_merged: int,
+        merge: str = "tome",
     ) -> None:
         """One computed batch: its size, forward time, each image's queue wait, merged tokens per image."""
         labels = (model, str(r))
@@ -95,6 +107,7 @@ class Metrics:
         for wait in queue_waits:
             self.queue_wait.labels(*labels).observe(wait)
         self.images.labels(*labels).inc(len(queue_waits))
+        self.merge_rule_images.labels(model, merge).inc(len(queue_waits))
         self.tokens_merged.labels(*labels).inc(len(queue_waits) * tokens_merged)
 
     def set_queue_depth(self, model: str, r: int, depth: int) -> None:

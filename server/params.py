@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 AUTO: Literal["auto"] = "auto"
 """r chosen by the server per batch; also the r of the queue that r=auto requests share."""
 
 RChoice = int | Literal["auto"]
+
+MergeRule = Literal["tome", "mlerp"]
+"""How merged tokens combine: ``tome.MERGE_RULES``, named here too so that settings can be checked
+before the library (and the model hub client with it) is imported; a test keeps the two equal."""
+MERGE_RULES: tuple[str, ...] = get_args(MergeRule)
 
 DEFAULT_TOP_K = 5
 
@@ -136,6 +141,15 @@ def auto_params(
     if ceiling is None:
         raise ParamError(f"max_r must be an integer from 0 to {limits.ceiling} for this model, got {max_r!r}")
     return AutoParams(target / 1000.0, min(ceiling, limits.auto_ceiling))
+
+
+def merge_rule(value: str | None, default: str) -> str:
+    """The request's merge rule: one of :data:`MERGE_RULES`; ``default`` when it names none."""
+    if value is None:
+        return default
+    if value not in MERGE_RULES:
+        raise ParamError(f"merge must be one of {', '.join(MERGE_RULES)}, got {value!r}")
+    return value
 
 
 def top_k(value: int | str | None, num_classes: int) -> int:

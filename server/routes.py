@@ -60,6 +60,13 @@ MaxRQuery = Annotated[
 TopKQuery = Annotated[
     str | None, Query(description="How many predictions to return, 1 to the model's classes (default 5)")
 ]
+MergeQuery = Annotated[
+    str | None,
+    Query(
+        description="How merged tokens combine: 'tome' (size-weighted average) or 'mlerp' (ToFu's "
+        "norm-preserving average); default TOME_DEFAULT_MERGE"
+    ),
+]
 ModelQuery = Annotated[str | None, Query(description="A loaded model's name (default: the first one)")]
 
 _IMAGE_BODY = {
@@ -110,16 +117,20 @@ async def classify(
     model: ModelQuery = None,
     target_ms: TargetQuery = None,
     max_r: MaxRQuery = None,
+    merge: MergeQuery = None,
 ) -> ClassifyResponse:
     """Classify an image with the ToMe-patched model at the given r (or r=auto)."""
     arrived = time.monotonic()
     upload = HttpUpload(request, service.settings.max_upload_bytes)
     want = Want(top_k=top_k)
-    result = await service.infer(model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r)
+    result = await service.infer(
+        model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r, merge=merge
+    )
     return ClassifyResponse(
         model=result.model,
         weights=result.weights,
         r=result.r,
+        merge=result.merge,
         r_auto=result.target_s is not None,
         target_ms=None if result.target_s is None else round(result.target_s * 1000, 3),
         predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in result.predictions],
@@ -143,19 +154,23 @@ async def visualize(
     model: ModelQuery = None,
     target_ms: TargetQuery = None,
     max_r: MaxRQuery = None,
+    merge: MergeQuery = None,
 ) -> Response:
     """Draw which patches merged into which token at the given r or r=auto (PNG, the model's input
     size); X-Tome-R says the r used, X-Tome-R-Auto whether the server chose it."""
     arrived = time.monotonic()
     upload = HttpUpload(request, service.settings.max_upload_bytes)
     want = Want(merge_map=True)
-    result = await service.infer(model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r)
+    result = await service.infer(
+        model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r, merge=merge
+    )
     timing = _timing(result, arrived)
     auto = result.target_s is not None
     headers = {
         "X-Tome-Model": result.model,
         "X-Tome-Weights": quote(result.weights, safe="/:()+,._- "),
         "X-Tome-R": str(result.r),
+        "X-Tome-Merge": result.merge,
         "X-Tome-R-Auto": "1" if auto else "0",
         **({"X-Tome-Target-Ms": f"{result.target_s * 1000:g}"} if auto else {}),
         "X-Tome-Tokens-Input": str(result.input_tokens),
@@ -205,6 +220,7 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
         arrived,
         target_ms=params.target_ms,
         max_r=params.max_r,
+        merge=params.merge,
         each_on_its_own=skip,
     )
     failed = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, ServeError)]
@@ -240,6 +256,7 @@ def _embedding(index: int, result: Result, encoding: str) -> Embedding:
         embedding=encoded,
         shape=list(vector.shape),
         r=result.r,
+        merge=result.merge,
         r_auto=result.target_s is not None,
         tokens=EmbeddingTokens(input=result.input_tokens, output=result.output_tokens),
     )

@@ -32,6 +32,7 @@ class ClassifyResponse(BaseModel):
         description="Tokens merged per block (capped per block at half the mergeable tokens); for r=auto "
         "the r the server chose for this request's batch"
     )
+    merge: str = Field(description="The merge rule: 'tome' or 'mlerp'")
     r_auto: bool = Field(False, description="True when r was chosen by the server (r=auto)")
     target_ms: float | None = Field(None, description="Latency target r=auto aimed at; null for a fixed r")
     predictions: list[Prediction]
@@ -147,6 +148,7 @@ class EmbeddingsRequest(BaseModel):
     r: int | str | None = Field(None, description="Tokens merged per block, or 'auto' (the default)")
     target_ms: float | None = Field(None, description="r=auto only: latency target in ms")
     max_r: int | None = Field(None, description="r=auto only: the largest r this request accepts")
+    merge: str | None = Field(None, description="'tome' or 'mlerp' (default TOME_DEFAULT_MERGE)")
     on_error: Literal["fail", "skip"] = Field(
         "fail",
         description="'fail': a bad image makes the request a 4xx naming its index; 'skip': the answer holds "
@@ -169,6 +171,7 @@ class Embedding(BaseModel):
     )
     shape: list[int] = Field(description="[D], or [patches, D] for 'patch' pooling")
     r: int = Field(description="r this image was computed at")
+    merge: str = Field(description="The merge rule it was computed with")
     r_auto: bool = Field(description="True when the server chose r (r=auto)")
     tokens: EmbeddingTokens
 

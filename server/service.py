@@ -133,9 +133,12 @@ class InferenceService:
         *,
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
+        merge: str | None = None,
     ) -> Result:
         """The result for a request of one image; raises its errors.ServeError (or ClientGone)."""
-        (answer,) = await self.infer_all(model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r)
+        (answer,) = await self.infer_all(
+            model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r, merge=merge
+        )
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -150,12 +153,14 @@ class InferenceService:
         *,
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
+        merge: str | None = None,
         each_on_its_own: bool = False,
     ) -> list[Result | ServeError]:
         """The request path (see the module docstring): a result per image of ``upload``, in order.
         ``r`` is an integer, "auto", its query text, or None (the model's default r); ``target_ms``
-        and ``max_r`` apply to r=auto only. ``upload`` as bytes is one image that has arrived already:
-        such a request is still taken while draining.
+        and ``max_r`` apply to r=auto only; ``merge`` is the merge rule (None: TOME_DEFAULT_MERGE).
+        ``upload`` as bytes is one image that has arrived already: such a request is still taken while
+        draining.
 
         An image that cannot be read or decoded fails the whole request before any is queued (its
         error names its index), unless ``each_on_its_own``: then its error takes its place in the list
@@ -170,7 +175,7 @@ class InferenceService:
         if upload.count > self.settings.max_queue:
             queue = self.settings.max_queue
             raise BadRequest(f"{upload.count} images are more than a queue holds (TOME_MAX_QUEUE={queue})")
-        items = lane.admit(r, want, arrived, upload.count, target_ms=target_ms, max_r=max_r)
+        items = lane.admit(r, want, arrived, upload.count, target_ms=target_ms, max_r=max_r, merge=merge)
         upload.admitted(lane.name, items[0].r)
         try:
             lane.check_room(items)

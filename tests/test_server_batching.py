@@ -43,7 +43,7 @@ class Recorder:
 def _item(key: QueueKey, payload: int, timeout: float = FAR) -> Item:
     now = time.monotonic()
     future = asyncio.get_running_loop().create_future()
-    return Item(key.model, key.r, payload, Want(top_k=1), now, now + timeout, future)  # type: ignore[arg-type]
+    return Item(key.model, key.r, payload, Want(top_k=1), now, now + timeout, future, None, key.merge)  # type: ignore[arg-type]
 
 
 def submit_all(batcher: Batcher, key: QueueKey, payloads: list[int], timeout: float = FAR) -> list[Item]:
@@ -93,15 +93,17 @@ def test_batches_never_mix_keys() -> None:
         batcher = Batcher(
             BatchPolicy(max_batch_size=3, batch_wait_timeout_s=0.02, max_queue_size=100), runner
         )
-        items = [item for i in range(20) for item in submit_all(batcher, QueueKey("m", i % 3), [i])]
+        rules = ("tome", "mlerp")
+        keys = [QueueKey("m", i % 3, rules[i % 2]) for i in range(24)]
+        items = [item for i, key in enumerate(keys) for item in submit_all(batcher, key, [i])]
         await asyncio.gather(*(item.future for item in items))
         await batcher.drain()
         return runner
 
     runner = asyncio.run(scenario())
-    assert sum(len(payloads) for _, payloads, _ in runner.batches) == 20
-    for (_, r), payloads, _ in runner.batches:
-        assert all(p % 3 == r for p in payloads)
+    assert sum(len(payloads) for _, payloads, _ in runner.batches) == 24
+    for key, payloads, _ in runner.batches:  # one r and one merge rule per batch
+        assert all(p % 3 == key.r and ("tome", "mlerp")[p % 2] == key.merge for p in payloads)
         assert len(payloads) <= 3
 
 

@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 from fastapi.testclient import TestClient
-from serverutil import TINY_MODEL_KWARGS, is_ready, png, wait_until
+from serverutil import TINY_MODEL_KWARGS, is_ready, metric_value, png, wait_until
 from tiny import NAME
 
 import tome
@@ -257,3 +257,23 @@ def test_openai_client_against_the_real_server(tiny_server: str) -> None:
     assert answer.usage.prompt_tokens == 3 * 65
     floats = client.embeddings.create(model=NAME, input=URIS[0], encoding_format="float", extra_body={"r": 8})
     assert len(floats.data[0].embedding) == WIDTH
+
+
+def test_the_merge_rule_is_a_request_parameter_on_every_endpoint(client: TestClient) -> None:
+    rules = {rule: vectors(embed(client, r=12, merge=rule, normalize=False)) for rule in ("tome", "mlerp")}
+    assert embed(client, merge="mlerp").json()["data"][0]["merge"] == "mlerp"
+    assert embed(client).json()["data"][0]["merge"] == "tome"  # TOME_DEFAULT_MERGE
+    for tome_vector, mlerp_vector in zip(rules["tome"], rules["mlerp"], strict=True):
+        assert not np.allclose(tome_vector, mlerp_vector, atol=1e-4)  # a different computation at r > 0
+    at_zero = [vectors(embed(client, r=0, merge=rule)) for rule in ("tome", "mlerp")]
+    np.testing.assert_allclose(at_zero[0], at_zero[1], atol=1e-6)  # and none at r=0
+    classified = client.post("/classify", params={"r": 8, "merge": "mlerp"}, content=IMAGES[0])
+    assert classified.json()["merge"] == "mlerp"
+    drawn = client.post("/visualize", params={"r": 8, "merge": "mlerp"}, content=IMAGES[0])
+    assert drawn.headers["x-tome-merge"] == "mlerp"
+    refused = client.post("/classify", params={"merge": "average"}, content=IMAGES[0])
+    assert refused.status_code == 422 and refused.json()["detail"] == (
+        "merge must be one of tome, mlerp, got 'average'"
+    )
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "tome_merge_rule_images_total", model=NAME, merge="mlerp") >= 3

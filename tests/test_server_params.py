@@ -82,3 +82,13 @@ def test_top_k_defaults_to_five_within_the_classes_and_says_what_is_allowed():
     for bad in (0, 1001, "x", "2.5"):
         with pytest.raises(ParamError, match="top_k must be an integer from 1 to 1000 for this model"):
             top_k(bad, 1000)
+
+
+def test_the_served_merge_rules_are_the_librarys() -> None:
+    import tome  # imported late here as in the server: settings are checked before the library loads
+    from tome_serve.params import MERGE_RULES, merge_rule
+
+    assert tuple(tome.MERGE_RULES) == MERGE_RULES
+    assert merge_rule(None, "tome") == "tome" and merge_rule("mlerp", "tome") == "mlerp"
+    with pytest.raises(ParamError, match="merge must be one of tome, mlerp, got 'avg'"):
+        merge_rule("avg", "tome")

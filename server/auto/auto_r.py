@@ -27,8 +27,8 @@ class BatchTicket:
     its place in the backlog and teaches the timing table. ``finished`` acts once: the inference thread
     calls it, and the lane again as a safety net."""
 
-    def __init__(self, auto: AutoR, token: int, r: int, size: int) -> None:
-        self._auto, self._token, self.r, self.size = auto, token, r, size
+    def __init__(self, auto: AutoR, token: int, r: int, size: int, learn: bool = True) -> None:
+        self._auto, self._token, self.r, self.size, self._learn = auto, token, r, size, learn
         self._done = threading.Event()
 
     def started(self) -> None:
@@ -39,7 +39,7 @@ class BatchTicket:
             return
         self._done.set()
         self._auto.backlog.finish(self._token)
-        if seconds is not None:
+        if seconds is not None and self._learn:
             self._auto.table.observe(self.r, self.size, seconds)
 
 
@@ -80,10 +80,11 @@ class AutoR:
     def choose(self, queued: Sequence[Waiting]) -> Decision:
         return self.controller.decide(queued, self.backlog.busy_s())
 
-    def handed(self, r: int, batch_size: int) -> BatchTicket:
-        """A batch of the model was handed to its inference threads (it may wait for one)."""
+    def handed(self, r: int, batch_size: int, merge: str | None = None) -> BatchTicket:
+        """A batch of the model was handed to its inference threads (it may wait for one). Its time
+        teaches the timing table only when it ran with the table's merge rule (``merge`` None or equal)."""
         token = self.backlog.add(self.table.snapshot().estimate(r, batch_size))
-        return BatchTicket(self, token, r, batch_size)
+        return BatchTicket(self, token, r, batch_size, learn=merge in (None, self.table.merge))
 
     def answered(self, r: int, latency_s: float, target_s: float) -> None:
         if self.metrics is not None:

@@ -235,12 +235,15 @@ class TimingTable:
         max_batch: int,
         r_step: int = 4,
         min_gain: float = 0.03,
+        merge: str = "tome",
         alpha: float = 0.1,
         clip: float = 3.0,
     ) -> None:
         """``min_gain``: an r must be this much faster than every smaller r at a batch size to be
         usable there (3%: less is within the noise of one measurement, and not worth accuracy)."""
         self.model = model
+        self.merge = merge
+        """The merge rule whose batches it measures."""
         self.rs = r_grid(r_max, r_step)
         self.max_batch = max_batch
         self._min_gain, self._alpha, self._clip = min_gain, alpha, clip
