@@ -1,30 +1,27 @@
 """tome-serve: the HTTP service around the tome library.
 
-One request's path, one file per step:
+A request is admitted, decoded, queued by (model, r, merge rule), batched, run through the patched
+model, answered and measured. One file per step:
 
-- ``routes.py``      POST /classify, /visualize, GET /models: admit, read the upload, answer
-- ``upload.py``      the request body -> the image's bytes, within the upload limit
-- ``service.py``     the one call: (model, r, image bytes, what to return) -> Result
-- ``decode.py``      bytes -> an upright RGB image, or a 4xx ImageError
-- ``preprocess.py``  image -> the model's uint8 input (its own timm resize and crop)
+- ``routes.py``      POST /classify, /visualize, /v1/embeddings, GET /models: the service call, the answer
+- ``upload.py``      the request body -> the images' bytes, within the limits (data URIs, URLs, files)
+- ``service.py``     the request path, one call (``InferenceService.infer_all``): admit, check room,
+  read, decode, queue, await; and the served models' life cycle
+- ``params.py``      a request's parameters (r or auto, target, auto ceiling, top_k, merge rule) and
+  the words for r, checked in one place
+- ``lane.py``        one served model, one object: its worker, queues, batch plans and r=auto
+- ``images.py``      bytes -> an upright RGB image -> the model's uint8 input (its own resize and crop)
 - ``item.py``        Want, Item (one image through the queue), Result (one image's answer)
-- ``batching.py``    one bounded queue per (model, r), forming batches
-- ``inference.py``   a formed batch through the patched model; resolves each item
-- ``render.py``      merge map -> PNG (called by the inference thread)
+- ``batching.py``    one bounded queue per (model, r, merge rule), forming batches
+- ``inference.py``   a formed batch through the patched model; logits, embeddings, merge maps
+- ``pooling.py``     embeddings from the final features: model, cls, mean, patch
 - ``errors.py``      every failure as an exception type, and its HTTP answer
-- ``middleware.py``  the request id (set once) and the request metrics
+- ``middleware.py``  the request id (set once), the request metrics and the API key
 - ``metrics.py``     the Prometheus metrics
+- ``auto/``          r=auto: the server picks each batch's r to hold a latency target
 
-r=auto (the server chooses each batch's r to hold a latency target), beside that path:
-
-- ``auto_params.py`` ``r=auto|int``, ``target_ms``, ``max_r``: checked, with the 422 messages
-- ``auto.py``        per model: admission (429 past the floor), the batch's r, what every batch reports
-- ``controller.py``  the decision: the least usable r that keeps queued auto requests on time; hysteresis
-- ``costs.py``       the measured cost table (seconds per r and batch size), warm-up and updates
-- ``auto_metrics.py`` the r=auto metrics and the cost table as gauges
-
-Around it: ``__main__.py`` (the CLI), ``config.py`` (settings), ``app.py`` (wiring and life
-cycle), ``loading.py``/``weights.py``/``models.py``/``labels.py``/``hub.py`` (start-up),
-``probes.py`` (health, readiness, metrics), ``auth.py`` (API key), ``schemas.py`` (response
-bodies), ``demo.py`` and ``static/`` (the demo page).
+Around it: ``__main__.py`` (the CLI), ``config.py`` (settings), ``app.py`` (wiring and life cycle),
+``loading.py``/``weights.py``/``models.py``/``labels.py``/``hub.py`` (start-up), ``hardware.py``
+(dtype and thread plan), ``probes.py`` (health, readiness, metrics), ``schemas.py`` (request and
+response bodies), ``demo.py`` and ``static/`` (the demo page).
 """
