@@ -46,13 +46,13 @@ def noise(seed: int) -> bytes:
 IMAGES = [noise(seed) for seed in range(8)]
 
 
-async def classify(http: httpx.AsyncClient, i: int, **params: object) -> httpx.Response:
+async def post_classify(http: httpx.AsyncClient, i: int, **params: object) -> httpx.Response:
     return await http.post("/classify", params=params, content=IMAGES[i % len(IMAGES)])
 
 
 async def together(url: str, params: list[dict]) -> list[httpx.Response]:
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
-        return await asyncio.gather(*(classify(http, i, **p) for i, p in enumerate(params)))
+        return await asyncio.gather(*(post_classify(http, i, **p) for i, p in enumerate(params)))
 
 
 async def burst(url: str, count: int, query: str) -> list[tuple[int, dict, dict]]:

@@ -5,17 +5,14 @@ import copy
 import pytest
 import torch
 from reference_tome import reference_forward
-from tiny import FAMILIES, images, make, make_named
+from tiny import FAMILIES, images, make, make_named, with_reference
 
 import tome
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_r0_matches_unpatched_model(family):
-    model = make(family)
-    reference = copy.deepcopy(model)
-    tome.patch(model)
-    x = images(model)
+    model, reference, x = with_reference(make(family))
     with torch.no_grad():
         expected = reference(x)
         assert torch.allclose(model(x), expected, atol=1e-5, rtol=0)
@@ -27,10 +24,7 @@ def test_r0_matches_unpatched_model(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("r", [3, (4, -1.0), [6, 0, 2]])
 def test_merging_matches_reference_algorithm(family, r):
-    model = make(family)
-    reference = copy.deepcopy(model)
-    tome.patch(model)
-    x = images(model)
+    model, reference, x = with_reference(make(family))
     schedule = tome.parse_r(r, len(model.blocks))
     expected, counts, sources = reference_forward(reference, x, schedule)
     with torch.no_grad(), tome.merging(r=r, trace_source=True) as info:
@@ -41,10 +35,7 @@ def test_merging_matches_reference_algorithm(family, r):
 
 
 def test_without_proportional_attention_matches_reference():
-    model = make("mae_avg_pool")
-    reference = copy.deepcopy(model)
-    tome.patch(model, prop_attn=False)
-    x = images(model)
+    model, reference, x = with_reference(make("mae_avg_pool"), prop_attn=False)
     expected, _, _ = reference_forward(reference, x, [5] * 4, prop_attn=False)
     with torch.no_grad(), tome.merging(r=5):
         assert torch.allclose(model(x), expected, atol=1e-4, rtol=0)
@@ -74,10 +65,7 @@ def test_model_default_r_applies_without_a_context():
 
 
 def test_full_size_vit_s16_matches_timm_and_the_reference():
-    model = make_named("vit_small_patch16_224")
-    reference = copy.deepcopy(model)
-    tome.patch(model)
-    x = images(model, batch=1)
+    model, reference, x = with_reference(make_named("vit_small_patch16_224"), batch=1)
     with torch.no_grad():
         assert torch.allclose(model(x), reference(x), atol=1e-5, rtol=0)
         expected, counts, sources = reference_forward(reference, x, [8] * 12)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from reference_tome import reference_forward
-from tiny import FAMILIES, images, make
+from tiny import FAMILIES, images, make, with_reference
 
 import tome
 from tome.merge import bipartite_soft_matching
@@ -14,20 +14,14 @@ from tome.merge import bipartite_soft_matching
 @pytest.mark.parametrize("rule", tome.MERGE_RULES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_rule_at_r0_is_the_unpatched_model(family, rule):
-    model = make(family)
-    reference = copy.deepcopy(model)
-    tome.patch(model)
-    x = images(model)
+    model, reference, x = with_reference(make(family))
     with torch.no_grad(), tome.merging(r=0, merge=rule):
         assert torch.equal(model(x), reference(x))
 
 
 @pytest.mark.parametrize("family", ["augreg_vit_p16", "dinov2_registers", "siglip_map_head"])
 def test_tome_rule_is_the_default_and_the_papers_algorithm(family):
-    model = make(family)
-    reference = copy.deepcopy(model)
-    tome.patch(model)
-    x = images(model)
+    model, reference, x = with_reference(make(family))
     expected, _, _ = reference_forward(reference, x, [3] * 4)
     with torch.no_grad():
         with tome.merging(r=3, merge="tome"):
@@ -41,10 +35,7 @@ def test_tome_rule_is_the_default_and_the_papers_algorithm(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("r", [3, (4, -1.0)])
 def test_mlerp_matches_the_group_by_group_reference_in_every_family(family, r):
-    model = make(family)
-    reference = copy.deepcopy(model)
-    tome.patch(model)
-    x = images(model)
+    model, reference, x = with_reference(make(family))
     schedule = tome.parse_r(r, len(model.blocks))
     expected, counts, sources = reference_forward(reference, x, schedule, rule="mlerp")
     plain, _, _ = reference_forward(reference, x, schedule)
@@ -57,10 +48,7 @@ def test_mlerp_matches_the_group_by_group_reference_in_every_family(family, r):
 
 
 def test_mlerp_without_proportional_attention_matches_the_reference():
-    model = make("mae_avg_pool")
-    reference = copy.deepcopy(model)
-    tome.patch(model, prop_attn=False)
-    x = images(model)
+    model, reference, x = with_reference(make("mae_avg_pool"), prop_attn=False)
     expected, _, _ = reference_forward(reference, x, [5] * 4, prop_attn=False, rule="mlerp")
     with torch.no_grad(), tome.merging(r=5, merge="mlerp"):
         assert torch.allclose(model(x), expected, atol=1e-4, rtol=0)

@@ -7,6 +7,7 @@ this module holds the plain functions, because pytest's conftest files are not m
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def make_named(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
             else:
                 param.normal_(0.0, param[0].numel() ** -0.5)
     return model
+
+
+def with_reference(
+    model: torch.nn.Module, batch: int = 2, **patch_kwargs: object
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """``model`` patched in place, an unpatched copy of it to compare with, and images for both."""
+    reference = copy.deepcopy(model)
+    tome.patch(model, **patch_kwargs)
+    return model, reference, images(model, batch=batch)
 
 
 def images(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
