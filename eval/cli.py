@@ -19,6 +19,7 @@ import torch._dynamo
 import torch.nn as nn
 
 import tome
+from tome_runtime import hardware
 
 from . import combine, report, sweep
 from .data import ImageFiles, LabelSpace, Listing, list_images
@@ -199,11 +200,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalInputError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    try:
+        return hardware.resolve_device(name)
+    except hardware.DeviceError as error:
+        raise EvalInputError(str(error)) from None
 
 
 def _transform(model: nn.Module) -> Any:
@@ -325,7 +325,7 @@ def _run_sweep(
     if not args.no_plot:
         title = f"{args.model}, {info['images']} images" if listing else args.model
         if report.plot_sweep(args.out / "sweep.png", rows, title) is None:
-            say("note: matplotlib is not installed (pip install 'tome-serve[bench]'): no plot")
+            say("note: matplotlib is not installed (pip install 'tome-serve[eval]'): no plot written")
         else:
             written.append("sweep.png")
     say(f"wrote {', '.join(str(args.out / name) for name in written)}")

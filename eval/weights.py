@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 import tome
-import tome_serve.weights
+import tome_runtime.weights
 
 from .errors import EvalInputError
 
@@ -30,8 +30,8 @@ class LoadedModel:
 def build_model(name: str, weights: str, model_kwargs: dict[str, Any], seed: int = 0) -> LoadedModel:
     """``weights`` is 'pretrained' (model hub), 'random', or a path to a safetensors or torch file."""
     try:
-        built = tome_serve.weights.create(name, weights, model_kwargs, seed)
+        built = tome_runtime.weights.create(name, weights, model_kwargs, seed)
         tome.patch(built.model)
-    except (tome_serve.weights.WeightsError, tome.UnsupportedModelError) as error:
+    except (tome_runtime.weights.WeightsError, tome.UnsupportedModelError) as error:
         raise EvalInputError(str(error)) from None
     return LoadedModel(built.model.eval(), built.source, built.missing_head)

@@ -17,8 +17,9 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from tome_runtime.hub import use_offline_hub_if_unreachable
+
 from .config import Settings
-from .hub import use_offline_hub_if_unreachable
 from .middleware import RequestIdLogFilter
 
 log = logging.getLogger("tome_serve")

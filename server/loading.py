@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import tome
+from tome_runtime import hardware
+from tome_runtime import weights as weights_io
 
-from . import weights as weights_io
 from .config import Settings
-from .hardware import resolve_dtype
 from .labels import class_labels
 from .models import LoadedModel
 from .preprocess import Preprocessor
@@ -31,17 +31,17 @@ class StartupError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StartupError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return torch.device(name)
+    """:func:`tome_runtime.hardware.resolve_device`, failing the way every start-up problem fails."""
+    try:
+        return hardware.resolve_device(name)
+    except hardware.DeviceError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def load_model(name: str, settings: Settings) -> LoadedModel:
     """Create, load, patch and describe one model (not yet warmed: its worker does that)."""
     device = resolve_device(settings.device)
-    choice = resolve_dtype(settings.dtype, device)
+    choice = hardware.resolve_dtype(settings.dtype, device)
     dtype = choice.dtype
     module, weights, notes = _create(name, settings.weights, settings.model_kwargs)
     try:

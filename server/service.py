@@ -35,12 +35,12 @@ from .controller import Overloaded, Waiting
 from .costs import CostTable
 from .decode import decode_image
 from .errors import BadRequest, DeadlineExceeded, QueueFull, Unavailable, UnknownModel
-from .hardware import ThreadPlan, plan_threads
 from .inference import ForwardGate, InferenceWorker
 from .item import AUTO, Item, QueueKey, Result, Want
 from .loading import StartupError, load_model, resolve_device
 from .metrics import Metrics
 from .models import LoadedModel
+from .threads import ThreadPlan, plan_threads
 
 log = logging.getLogger(__name__)
 
