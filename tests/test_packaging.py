@@ -27,6 +27,7 @@ HIDDEN = [
     "pydantic_settings",
     "multipart",
     "python_multipart",
+    "openapi_ui_bundles",
     "matplotlib",
     "httpx",
     "tome_runtime",
