@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from tiny import (
     BASES,
+    NAME,
     NUM_CLASSES,
     eval_model,
     give_colour_classifier,
@@ -228,6 +231,28 @@ def test_module_entry_point_runs(tmp_path):
     )
     assert result.returncode == 0
     assert "--combos" in result.stdout and "labels.tsv" in result.stdout
+
+
+HUB_RETRIES_S = 50
+"""How long the hub client retries an unreachable hub before it gives up (about a minute, measured)."""
+
+
+def test_pretrained_weights_without_the_hub_fail_fast_in_one_line(tmp_path):
+    """The hub is probed before its client is imported, as tome-serve does: offline, the client looks in
+    the (empty) cache only and fails at once, and the error is one line with exit code 2."""
+    env = {key: value for key, value in os.environ.items() if not key.upper().endswith("_PROXY")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="")
+    command = [sys.executable, "-m", "tome_eval", "--model", NAME, "--weights", "pretrained"]
+    started = time.monotonic()
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120
+    )
+    # The imports (torch, timm) take most of it: 3-8 s on a shared 2-core machine.
+    assert time.monotonic() - started < HUB_RETRIES_S / 2, result.stderr
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tome-eval: error: could not obtain pretrained weights for vit_tiny_patch16_224")
+    assert "--weights random" in line and "Traceback" not in result.stderr
 
 
 def test_wordnet_folders_with_an_imagenet_sized_model_and_limit(tmp_path):

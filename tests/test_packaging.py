@@ -94,7 +94,7 @@ print("tome works alone")
 TOOLS_SCRIPT = (
     HIDE
     + """
-import tome_bench.goals, tome_bench.speed, tome_eval.cli, tome_runtime.hub
+import tome_bench.goals, tome_bench.speed, tome_eval.cli, tome_eval.commands, tome_runtime.hub
 from tome_runtime.hardware import resolve_device, resolve_dtype
 from tome_runtime.weights import create
 
