@@ -201,3 +201,10 @@ def test_the_installed_distribution_has_no_package_named_server():
     assert top_level is not None
     assert set(top_level.split()) == {"tome", "tome_runtime", "tome_serve", "tome_eval", "tome_bench"}
     assert "tome-serve" not in importlib.metadata.packages_distributions().get("server", [])
+
+
+def test_the_test_log_states_the_reason_of_every_skip():
+    """CI runs pytest with pyproject's addopts: a -r option that reports skips ('s', or 'a' for all)."""
+    addopts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    report = [option[2:] for option in addopts.split() if option.startswith("-r")]
+    assert any(set(chars) & {"s", "a", "A"} for chars in report), addopts
