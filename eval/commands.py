@@ -21,7 +21,7 @@ from . import combine, report, sweep
 from .cli import DEFAULT_R
 from .data import ImageFiles, LabelSpace, Listing, list_images
 from .errors import EvalInputError
-from .runner import SCALE_SAMPLE, FolderRun, evaluate, seconds_per_batch, timing_batch
+from .runner import SCALE_SAMPLE, FolderRun, Timing, evaluate, seconds_per_batch, timing_batch
 from .weights import LoadedModel, build_model
 
 
@@ -36,10 +36,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = build_model(args.model, args.weights, args.model_kwargs, args.seed)
     model = loaded.model.to(device)
     if loaded.missing_head_keys:
-        say(
-            f"note: {args.weights} has no classifier head ({', '.join(loaded.missing_head_keys)}): the head "
-            "is random, so accuracy is meaningless; agreement compares arg-maxes of a random projection"
-        )
+        missing = ", ".join(loaded.missing_head_keys)
+        say(f"note: {args.weights} has no classifier head ({missing}): the head is random")
     requested = args.r or [r for r in DEFAULT_R if r <= tome.largest_useful_r(model)]
     r_values = sweep.check_r_values(requested, model, args.model)
     listing = _listing(args, model) if args.folder else None
@@ -122,7 +120,7 @@ def _measure(
     listing: Listing | None,
     dataset: ImageFiles | None,
     timing_images: Callable[[], torch.Tensor],
-) -> tuple[FolderRun | None, list[str], dict | None]:
+) -> tuple[FolderRun | None, list[str], Timing | None]:
     """Quality of every variant over the folder (if one was given) and their speed (if timed)."""
     progress = not args.no_progress
     folder = None
@@ -132,10 +130,10 @@ def _measure(
         )
     unreadable = _unreadable_paths(listing, folder.unreadable if folder else [])
     _check_any_readable(listing, unreadable)
-    seconds = None
+    timing = None
     if args.timing_rounds:
-        seconds = seconds_per_batch(variants, timing_images(), args.timing_rounds, device, progress=progress)
-    return folder, unreadable, seconds
+        timing = seconds_per_batch(variants, timing_images(), args.timing_rounds, device, progress=progress)
+    return folder, unreadable, timing
 
 
 def _run_sweep(
@@ -149,8 +147,9 @@ def _run_sweep(
 ) -> int:
     variants = sweep.sweep_variants(model, r_values)
     timing_images = partial(_timing_images, args, model, dataset)  # built only if timing is asked for
-    folder, unreadable, seconds = _measure(args, variants, 0, device, listing, dataset, timing_images)
-    rows = sweep.rows_for(model, r_values, seconds, args.batch_size, folder)
+    folder, unreadable, timing = _measure(args, variants, 0, device, listing, dataset, timing_images)
+    rows = sweep.rows_for(model, r_values, timing, args.batch_size, folder)
+    warnings = sweep.speed_warnings(rows) + _quality_warnings(loaded, folder)
     info = sweep.run_info(
         args.model,
         loaded.weights,
@@ -162,10 +161,18 @@ def _run_sweep(
         timing_rounds=args.timing_rounds,
         has_classifier=bool(model.num_classes),
         cosine_between_images=folder.cosine_between_images if folder else None,
+        warnings=warnings,
     )
     print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
     print(report.sweep_table(rows))
+    if timing is not None:
+        print(
+            f"speedup: the median of {args.timing_rounds} interleaved rounds' ratios to r=0; speedup IQR: "
+            "the middle half of those ratios, the machine's noise."
+        )
     _print_scale(folder)
+    for warning in warnings:
+        say(f"warning: {warning}")
     records = [row.flat() for row in rows]
     report.write_csv(args.out / "sweep.csv", records)
     report.write_json(args.out / "sweep.json", {"info": info, "rows": records})
@@ -183,6 +190,16 @@ def _run_sweep(
             written.append("sweep.png")
     say(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
+
+
+def _quality_warnings(loaded: LoadedModel, folder: FolderRun | None) -> list[str]:
+    """What the quality columns cannot say, when they were measured with random weights or head."""
+    if folder is None:
+        return []
+    if loaded.weights == "random":
+        return [sweep.RANDOM_WEIGHTS]
+    has_classifier = bool(loaded.model.num_classes)
+    return [sweep.RANDOM_HEAD] if loaded.missing_head_keys and has_classifier else []
 
 
 def _print_scale(folder: FolderRun | None) -> None:
@@ -212,12 +229,12 @@ def _run_combos(
         if (combine.BASELINE, 0) not in variants:
             raise EvalInputError(f"the plain fp32 model failed: {cells[combine.BASELINE, 0].error}")
         baseline = (combine.BASELINE, 0)
-        folder, unreadable, seconds = _measure(
+        folder, unreadable, timing = _measure(
             args, variants, baseline, device, listing, dataset, lambda: images
         )
     classifier = bool(model.num_classes)
     quality = {key: t.summary(classifier) for key, t in folder.tallies.items()} if folder else None
-    combine.fill_cells(cells, seconds, quality, args.batch_size)
+    combine.fill_cells(cells, timing.seconds if timing else None, quality, args.batch_size)
     info = sweep.run_info(
         args.model,
         loaded.weights,
@@ -231,10 +248,13 @@ def _run_combos(
         r=r_values,
         optimisations=[row.name for row in rows],
         cosine_between_images=folder.cosine_between_images if folder else None,
+        warnings=_quality_warnings(loaded, folder),
     )
     print(f"{args.model} ({loaded.weights} weights) on {info['machine']}, batch {args.batch_size}:")
     print(report.combo_tables(cells, r_values, bool(listing and listing.labelled), classifier))
     _print_scale(folder)
+    for warning in info["warnings"]:
+        say(f"warning: {warning}")
     records = [report.cell_record(cell) for cell in cells.values()]
     report.write_csv(args.out / "combos.csv", records)
     report.write_json(args.out / "combos.json", {"info": info, "cells": records})

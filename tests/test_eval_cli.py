@@ -28,6 +28,7 @@ from tiny import (
 )
 
 import tome
+from tome_eval import sweep
 from tome_eval.cli import main
 
 R_VALUES = [0, 2, 4]
@@ -94,7 +95,7 @@ def test_labelled_folder_outputs_and_accuracy_match_hand_count(tmp_path, colour_
         assert plot.format == "PNG" and plot.width > 300
 
 
-def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_model):
+def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, capsys, colour_model):
     _, weights = colour_model
     for i in range(5):
         pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i % len(BASES)], seed=i)
@@ -106,6 +107,7 @@ def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_mo
     rows = document["rows"]
     assert -1 <= document["info"]["cosine_between_images"] < 1
     assert [row["top1"] for row in rows] == [None, None, None]
+    assert "weights are random" not in capsys.readouterr().err  # trained-like weights: no warning
     assert rows[0]["agreement"] == 1.0
     assert all(0 <= row["agreement"] <= 1 for row in rows)
     assert all(-1 <= row["cosine_mean"] <= 1.0001 for row in rows)
@@ -130,8 +132,35 @@ def test_backbone_has_no_agreement_and_a_headless_file_loads(tmp_path, capsys):
     # The same backbone weights into a model with a classifier: loads, with the head reported random.
     assert run_eval([str(tmp_path / "photos"), *model_args(weights), "--out", str(out)]) == 0
     info = json.loads((out / "sweep.json").read_text())["info"]
-    assert info["head"].startswith("random")
-    assert "head.weight" in capsys.readouterr().err
+    assert info["head"].startswith("random") and sweep.RANDOM_HEAD in info["warnings"]
+    err = capsys.readouterr().err
+    assert "head.weight" in err and f"warning: {sweep.RANDOM_HEAD}" in err
+
+
+def test_random_weights_warn_that_quality_means_little_and_speed_shows_its_spread(tmp_path, capsys):
+    for i in range(3):
+        pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i], seed=i)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "photos"), *model_args("random"), "--timing-rounds", "3", "--no-plot"]
+    assert run_eval([*args, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {sweep.RANDOM_WEIGHTS}" in captured.err
+    assert sweep.RANDOM_WEIGHTS in json.loads((out / "sweep.json").read_text())["info"]["warnings"]
+    assert "speedup IQR" in captured.out and "3 interleaved rounds' ratios to r=0" in captured.out
+    for row in read_csv(out / "sweep.csv"):
+        low, middle, high = (float(row[key]) for key in ("speedup_low", "speedup", "speedup_high"))
+        assert 0 < low <= middle <= high
+
+
+def test_without_matplotlib_the_hint_names_the_eval_extra(tmp_path, capsys, monkeypatch, colour_model):
+    _, weights = colour_model
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails
+    out = tmp_path / "out"
+    assert run_eval([*model_args(weights), "--r", "4", "--timing-rounds", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed (pip install 'tome-serve[eval]'): no plot written" in err
+    assert f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}\n" in err and not (out / "sweep.png").exists()
 
 
 def test_speed_only_without_a_folder(tmp_path, colour_model):
