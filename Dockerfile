@@ -35,6 +35,7 @@ RUN python -m venv /opt/venv \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY tome ./tome
+COPY runtime ./runtime
 COPY server ./server
 COPY eval ./eval
 COPY bench ./bench

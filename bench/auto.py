@@ -29,11 +29,17 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-import numpy as np
 import torch
 
-from tome_serve.hardware import cpu_name
+from tome_runtime.hardware import cpu_name
+
+from .extras import exit_for_missing
+
+try:
+    import httpx
+    import numpy as np
+except ModuleNotFoundError as missing:
+    exit_for_missing(missing)
 
 from .serve import (
     Outcome,

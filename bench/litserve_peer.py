@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from .extras import exit_for_missing
+
 try:  # optional: the peer exists only where LitServe is installed
     import litserve as ls
 except ImportError:  # pragma: no cover - depends on the environment
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     if ls is None:
         print("the LitServe peer needs `pip install litserve`", file=sys.stderr)
         return 2
+    try:  # the workers load the model with the server's own code
+        import tome_serve.loading  # noqa: F401
+    except ModuleNotFoundError as missing:
+        exit_for_missing(missing)
     api = ToMeAPI(args)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers)
     print(f"LitServe {ls.__version__} peer on port {args.port}, pid {os.getpid()}", flush=True)

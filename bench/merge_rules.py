@@ -36,14 +36,14 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
 import tome
-import tome_serve.weights
+import tome_runtime.weights
 from tome_eval.data import IMAGE_SUFFIXES
 from tome_eval.metrics import cosine
 from tome_eval.retrieval import augmented_views, nearest_hits
-from tome_serve.hardware import cpu_flags
+from tome_runtime.hardware import cpu_flags
 
 from .speed import describe_machine
-from .timing import interleaved_samples, median
+from .timing import interleaved_rounds, median
 
 NOTES_MARKER = "<!-- notes: text below this line is kept when tome_bench.merge_rules rewrites the file -->"
 DINOV2 = "vit_small_patch14_dinov2"
@@ -142,7 +142,7 @@ def as_input(model: nn.Module, images: Sequence[Image.Image], dtype: torch.dtype
 
 def dinov2(weights: Path, dtype: torch.dtype) -> nn.Module:
     kwargs = {"num_classes": 0, "img_size": IMG_SIZE}
-    built = tome_serve.weights.create(DINOV2, str(weights), kwargs)
+    built = tome_runtime.weights.create(DINOV2, str(weights), kwargs)
     return tome.patch(built.model.eval()).to(dtype)
 
 
@@ -150,7 +150,7 @@ def random_classifier(dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """ViT-S/16 with timm's random initialisation (the server's ``weights=random``), pooling the
     average of its patch tokens: through the class token, timm's initialisation gives every image the
     same top class, which would make top-1 agreement with r=0 trivially 1."""
-    model = tome_serve.weights.create(CLASSIFIER, "random", {"global_pool": "avg"}, seed).model.eval()
+    model = tome_runtime.weights.create(CLASSIFIER, "random", {"global_pool": "avg"}, seed).model.eval()
     return tome.patch(model).to(dtype)
 
 
@@ -194,7 +194,7 @@ def measure(subject: Subject, rules: Sequence[str], batch: int, rounds: int) -> 
 
     variants = {"r=0": timed(0, rules[0])} | {f"{rule} r={r}": timed(r, rule) for rule, r in cells}
     print(f"{subject.title}: timing {len(variants)} variants x {rounds} rounds", file=sys.stderr)
-    seconds = interleaved_samples(variants, rounds, warmup=2)
+    seconds = interleaved_rounds(variants, rounds, warmup=2)
     base_rate, base = batch / median(seconds["r=0"]), subject.score(reference, reference)
     for rule in rules:
         subject.curves[rule] = [Point(rule, 0, base_rate, _spread(seconds["r=0"]), base)]

@@ -39,19 +39,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
-import httpx
-import numpy as np
 import torch
-from PIL import Image
 
 import tome
-from tome_serve.config import Settings
-from tome_serve.hardware import cpu_name
-from tome_serve.loading import load_model
+from tome_runtime.hardware import cpu_name
 
+from .extras import exit_for_missing
 from .stats import CpuMeter, percentile
 from .timing import interleaved_seconds
+
+try:
+    import aiohttp
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from tome_serve.config import Settings
+    from tome_serve.loading import load_model
+except ModuleNotFoundError as missing:
+    exit_for_missing(missing)
 
 
 @dataclass

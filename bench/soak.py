@@ -23,7 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
+from .extras import exit_for_missing
+
+try:
+    import aiohttp
+except ModuleNotFoundError as missing:
+    exit_for_missing(missing)
 
 from .serve import add_server_model_arguments, start_server, test_image
 from .serve import parse_args as serve_args

@@ -3,7 +3,8 @@
     tome-bench --model vit_small_patch16_224 --r 0,8,16 --batch-sizes 1 8 --out bench-out
 
 All variants of one batch size are timed interleaved in one process, so the speedups compare like
-with like. Writes a table to stdout and ``results.csv``, ``results.json`` and ``speed.png`` to --out.
+with like. Writes a table to stdout and ``results.csv``, ``results.json`` and (with matplotlib) ``speed.png``
+to --out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import timm
 import torch
 
 import tome
-from tome_serve.hardware import cpu_flags, cpu_name
+from tome_runtime.hardware import cpu_flags, cpu_name
 
 from .timing import interleaved_seconds
 
@@ -142,7 +143,8 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _write(rows: list[Row], out: Path, machine: str) -> None:
+def _write(rows: list[Row], out: Path, machine: str) -> list[str]:
+    """Writes the results (and the plot, if matplotlib is there); returns the names written."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
@@ -151,10 +153,14 @@ def _write(rows: list[Row], out: Path, machine: str) -> None:
     (out / "results.json").write_text(
         json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2)
     )
-    _plot(rows, out / "speed.png", machine)
+    written = ["results.csv", "results.json"]
+    if _plot(rows, out / "speed.png", machine):
+        written.append("speed.png")
+    return written
 
 
-def _plot(rows: list[Row], path: Path, machine: str) -> None:
+def _plot(rows: list[Row], path: Path, machine: str) -> bool:
+    """Draws the plot to ``path``; False (with a note on stderr) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -164,7 +170,7 @@ def _plot(rows: list[Row], path: Path, machine: str) -> None:
         print(
             "matplotlib is not installed (pip install 'tome-serve[bench]'): no plot written", file=sys.stderr
         )
-        return
+        return False
     merged = [row for row in rows if row.r is not None]
     batches = sorted({row.batch_size for row in rows})
     rs = sorted({row.r for row in merged})
@@ -188,6 +194,7 @@ def _plot(rows: list[Row], path: Path, machine: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
@@ -210,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = describe_machine(args.device)
     print(f"{args.model} on {machine}, {args.dtype}")
     print(_table(rows))
-    _write(rows, args.out, machine)
-    print(f"wrote {args.out}/results.csv, results.json and speed.png")
+    written = _write(rows, args.out, machine)
+    print(f"wrote {', '.join(str(args.out / name) for name in written)}")
 
 
 if __name__ == "__main__":

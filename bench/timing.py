@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -23,35 +23,20 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> f
     return time.perf_counter() - start
 
 
-def interleaved_seconds(
-    variants: Mapping[str, Callable[[], object]],
-    rounds: int,
-    warmup: int = 1,
-    device: torch.device | str = "cpu",
-    on_round: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each variant, timed by :func:`interleaved_samples`."""
-    samples = interleaved_samples(variants, rounds, warmup, device, on_round)
-    return {name: median(values) for name, values in samples.items()}
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
-def interleaved_samples(
+def interleaved_rounds(
     variants: Mapping[str, Callable[[], object]],
     rounds: int,
     warmup: int = 1,
     device: torch.device | str = "cpu",
     on_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds of every call of each variant (one per round), timing them in turn in every round.
+    """Seconds of each variant's call in every round, the variants timed in turn in each round.
 
     Interleaving spreads slow drifts of the machine (thermal, other load) over all variants
     instead of biasing whichever ran last, and every round runs them in a new random order (seeded,
     so runs repeat) because a variant can leave the caches and the allocator in a state that helps
-    or hurts whichever runs next.
+    or hurts whichever runs next. Values at the same index were measured in the same round, so their
+    ratios pair like with like.
     """
     names = list(variants)
     order = random.Random(0)
@@ -66,3 +51,20 @@ def interleaved_samples(
             if on_round is not None:
                 on_round(i)
     return samples
+
+
+def median(values: Sequence[float]) -> float:
+    """The upper median (an actual sample): what every benchmark here reports per variant."""
+    return sorted(values)[len(values) // 2]
+
+
+def interleaved_seconds(
+    variants: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each variant, from :func:`interleaved_rounds`."""
+    timed = interleaved_rounds(variants, rounds, warmup, device, on_round)
+    return {name: median(values) for name, values in timed.items()}

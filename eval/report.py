@@ -42,6 +42,7 @@ def sweep_table(rows: list[SweepRow]) -> str:
         "tokens out",
         "img/s",
         "speedup",
+        "speedup IQR",
         "top-1 %",
         "drop",
         "top-5 %",
@@ -60,6 +61,7 @@ def sweep_table(rows: list[SweepRow]) -> str:
                 str(row.tokens_out),
                 num(row.images_per_second, ".1f"),
                 num(row.speedup, ".2f") + ("x" if row.speedup else ""),
+                _spread(row),
                 pct(q and q.top1),
                 pct(row.top1_drop),
                 pct(q and q.top5),
@@ -70,6 +72,13 @@ def sweep_table(rows: list[SweepRow]) -> str:
             ]
         )
     return text_table(headers, body)
+
+
+def _spread(row: SweepRow) -> str:
+    """The per-round speed ratios' middle half (quartiles), to read the speedup's noise by."""
+    if row.speedup_low is None or row.speedup_high is None:
+        return "n/a"
+    return f"{row.speedup_low:.2f}-{row.speedup_high:.2f}"
 
 
 def matrix(cells: dict[tuple[str, int], Cell], r_values: list[int], value: Any) -> str:

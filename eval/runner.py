@@ -160,6 +160,23 @@ def timing_batch(
     return images.repeat(repeats, 1, 1, 1)[:batch_size]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per batch of every variant in every interleaved round (index i: round i)."""
+
+    rounds: dict[Hashable, list[float]]
+
+    @property
+    def seconds(self) -> dict[Hashable, float]:
+        """Median seconds per batch of each variant."""
+        return {key: tome_bench.timing.median(values) for key, values in self.rounds.items()}
+
+    def speedups(self, reference: Hashable, key: Hashable) -> list[float]:
+        """``key``'s speed relative to ``reference`` in each round: paired, so a slow round of the
+        machine slows both and cancels out; how much the ratios still vary shows the noise."""
+        return [ref / t for ref, t in zip(self.rounds[reference], self.rounds[key], strict=True)]
+
+
 def seconds_per_batch(
     variants: Mapping[Hashable, Variant],
     images: torch.Tensor,
@@ -167,16 +184,16 @@ def seconds_per_batch(
     device: torch.device,
     warmup: int = 1,
     progress: bool = True,
-) -> dict[Hashable, float]:
-    """Median seconds per batch of each variant, all timed in turn in every round (tome_bench.timing)."""
+) -> Timing:
+    """Every variant timed in turn in every round (tome_bench.timing), on one batch."""
     images = images.to(device)
     calls = {key: (lambda fn=fn: fn(images)) for key, fn in variants.items()}
     with tqdm(total=rounds, unit="round", disable=not progress, desc="timing") as bar:
-        timed = tome_bench.timing.interleaved_seconds(
+        timed = tome_bench.timing.interleaved_rounds(
             {str(i): fn for i, fn in enumerate(calls.values())},
             rounds,
             warmup=warmup,
             device=device,
             on_round=lambda _: bar.update(1),
         )
-    return {key: timed[str(i)] for i, key in enumerate(calls)}
+    return Timing({key: timed[str(i)] for i, key in enumerate(calls)})

@@ -8,7 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 import tome
-import tome_serve.weights
+import tome_runtime.weights
 
 from .errors import EvalInputError
 
@@ -30,8 +30,20 @@ class LoadedModel:
 def build_model(name: str, weights: str, model_kwargs: dict[str, Any], seed: int = 0) -> LoadedModel:
     """``weights`` is 'pretrained' (model hub), 'random', or a path to a safetensors or torch file."""
     try:
-        built = tome_serve.weights.create(name, weights, model_kwargs, seed)
+        built = tome_runtime.weights.create(name, weights, model_kwargs, seed)
         tome.patch(built.model)
-    except (tome_serve.weights.WeightsError, tome.UnsupportedModelError) as error:
+    except (tome_runtime.weights.WeightsError, tome.UnsupportedModelError) as error:
         raise EvalInputError(str(error)) from None
+    except Exception as error:  # the hub client raises many kinds of network and cache errors
+        if weights != "pretrained":
+            raise
+        raise EvalInputError(_no_pretrained(name, error)) from None
     return LoadedModel(built.model.eval(), built.source, built.missing_head)
+
+
+def _no_pretrained(name: str, error: Exception) -> str:
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return (
+        f"could not obtain pretrained weights for {name} ({type(error).__name__}: {reason}); without "
+        "the model hub, pass --weights with a local .safetensors or .pth file, or --weights random"
+    )

@@ -20,8 +20,10 @@ model, answered and measured. One file per step:
 - ``metrics.py``     the Prometheus metrics
 - ``auto/``          r=auto: the server picks each batch's r to hold a latency target
 
-Around it: ``__main__.py`` (the CLI), ``config.py`` (settings), ``app.py`` (wiring and life cycle),
-``loading.py``/``weights.py``/``models.py``/``labels.py``/``hub.py`` (start-up), ``hardware.py``
-(dtype and thread plan), ``probes.py`` (health, readiness, metrics), ``schemas.py`` (request and
-response bodies), ``demo.py`` and ``static/`` (the demo page).
+Around it: ``__main__.py`` (the CLI and its exit codes), ``config.py`` (settings), ``app.py``
+(wiring and life cycle), ``loading.py`` (start-up: each model created, weighted, patched and
+described), ``threads.py`` (the thread plan), ``probes.py`` (health, readiness, metrics),
+``schemas.py`` (request and response bodies), ``docs.py`` (the API docs, served offline),
+``demo.py`` and ``static/`` (the demo page). Weights, the hub probe and the CPU's facts live in
+``tome_runtime`` (``runtime/``), which tome-eval and tome-bench share without the web stack.
 """

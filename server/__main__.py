@@ -3,12 +3,14 @@
 The options and ``--help`` come from :class:`~.config.Settings` (pydantic-settings); every option
 is also a ``TOME_*`` environment variable, and the command line wins. The port is bound before any
 model is loaded, so a busy port fails at once. SIGTERM or Ctrl-C drains: /readyz turns 503, new
-requests get 503, queued ones finish, then the process exits.
+requests get 503, queued ones finish, then the process exits with 0; with 4 when the drain could not
+finish (requests still running after the grace period, or a second Ctrl-C).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -17,8 +19,9 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from tome_runtime.hub import use_offline_hub_if_unreachable
+
 from .config import Settings
-from .hub import use_offline_hub_if_unreachable
 from .middleware import RequestIdLogFilter
 
 log = logging.getLogger("tome_serve")
@@ -29,18 +32,45 @@ EXIT_START_FAILED = 1
 EXIT_INVALID_SETTINGS = 2
 EXIT_PORT_UNAVAILABLE = 3
 """The address and port cannot be bound (in use, or not an address of this machine)."""
+EXIT_DRAIN_INCOMPLETE = 4
+"""Stopped before every request was answered: the grace period ran out, or Ctrl-C came twice."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C before the server was running (while importing or binding): the shell's 128 + SIGINT."""
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but a shutdown signal first marks the service as draining."""
+    """uvicorn's server, but a shutdown signal first marks the service as draining, and a drain that
+    finished is a normal exit.
+
+    uvicorn records each signal it handles and raises it again once it has shut down, so the process
+    ends killed by SIGTERM (status 143) or with a KeyboardInterrupt traceback (Ctrl-C) even when every
+    request was answered. This server handles the signals itself and does not record them: whether the
+    drain finished (:attr:`drained`) decides the exit status instead.
+    """
 
     def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_signal = on_signal
+        self.drained = False
+        """Every connection closed and task done before the grace period ran out, without force."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_signal()
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+        else:
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.lifespan.should_exit:  # the app's own shutdown failed (uvicorn logged it)
+            self.drained = False
+
+    async def _wait_tasks_to_complete(self) -> None:
+        # uvicorn's wait for open connections and tasks, which it cancels (interrupting this call)
+        # when timeout_graceful_shutdown runs out, and cuts short on force_exit.
+        await super()._wait_tasks_to_complete()
+        self.drained = not self.force_exit
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -58,6 +88,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _serve(argv)
+    except KeyboardInterrupt:  # before uvicorn handles Ctrl-C itself
+        print("tome-serve: interrupted before the server was running", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _serve(argv: list[str] | None) -> int:
     try:
         settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
@@ -106,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     log.info("bound to http://%s:%d; loading the models (/readyz turns 200 once they are ready)", host, port)
     server.run(sockets=[sock])
-    return EXIT_START_FAILED if failed else EXIT_OK
+    if failed:
+        return EXIT_START_FAILED
+    if not server.drained:
+        log.error("stopped before every request was answered (grace period over, or Ctrl-C twice)")
+        return EXIT_DRAIN_INCOMPLETE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
 
-from . import demo, errors, probes, routes
+from . import demo, docs, errors, probes, routes
 from .config import Settings
 from .loading import StartupError, load_model
 from .metrics import Metrics
@@ -59,6 +59,8 @@ def create_app(
         summary="Vision Transformer inference accelerated with Token Merging (ToMe)",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by docs.install from the package's own copy of Swagger UI
+        redoc_url=None,  # its script would come from a CDN
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -67,6 +69,7 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(probes.router)
     demo.install(app)
+    docs.install(app)
     # Added innermost first: request id (outermost, so every answer carries it), metrics (also
     # counts 401s), auth.
     if settings.api_key is not None:

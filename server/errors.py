@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -128,9 +130,43 @@ async def _serve_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(request, detail), status_code=exc.status_code, headers=exc.headers())
 
 
+_ALLOWED = MappingProxyType(
+    {
+        "int_parsing": "an integer",
+        "int_from_float": "an integer",
+        "float_parsing": "a number",
+        "bool_parsing": "true or false",
+        "greater_than_equal": "at least {ge}",
+        "greater_than": "above {gt}",
+        "less_than_equal": "at most {le}",
+        "less_than": "below {lt}",
+    }
+)
+"""What a parameter must be, for each kind of pydantic validation error the API's parameters raise."""
+
+
+def validation_sentence(errors: Sequence[Any]) -> str:
+    """FastAPI's list of validation errors as the one sentence every other 422 has, e.g.
+    "top_k must be at least 1, got '0'"."""
+    return "; ".join(_error_sentence(error) for error in errors) or "the request is not valid"
+
+
+def _error_sentence(error: Mapping[str, Any]) -> str:
+    kind, *path = error.get("loc") or ("request",)
+    name = ".".join(map(str, path)) or str(kind)
+    if kind not in ("query", "path"):
+        name = f"{kind} {name}" if path else name
+    if error.get("type") == "missing":
+        return f"{name} is required"
+    template = _ALLOWED.get(error.get("type", ""))
+    allowed = template.format(**error.get("ctx", {})) if template else str(error.get("msg", "invalid"))
+    got = f", got {error['input']!r}" if isinstance(error.get("input"), str | int | float) else ""
+    return f"{name} must be {allowed}{got}" if template else f"{name}: {allowed}{got}"
+
+
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse(error_body(request, jsonable_encoder(exc.errors())), status_code=422)
+    return JSONResponse(error_body(request, validation_sentence(exc.errors())), status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

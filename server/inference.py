@@ -34,8 +34,8 @@ from . import pooling
 from .batching import Batch
 from .errors import BatchFailed
 from .item import Prediction, Result, Want
+from .loading import LoadedModel
 from .metrics import Metrics
-from .models import LoadedModel
 from .params import AUTO
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,12 @@ from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
 from .batching import Batch, Batcher, BatchPlan, BatchPolicy
 from .config import Settings
 from .errors import BadRequest, QueueFull
-from .hardware import ThreadPlan
 from .inference import ForwardGate, InferenceWorker
 from .item import Item, QueueKey, Result, Want
+from .loading import LoadedModel
 from .metrics import Metrics
-from .models import LoadedModel
 from .params import AUTO, ParamError, auto_params, merge_rule, top_k
+from .threads import ThreadPlan
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,9 @@
 """Start-up: create each model, load its weights, patch it for token merging, describe it.
 
+The description (:class:`LoadedModel`) takes its ToMe facts (input tokens, largest useful r, cost
+table) from the library (``tome.input_tokens``, ``tome.largest_useful_r``, ``tome.cost_table``), so
+the server, tome-eval and tome-bench agree.
+
 Weights come from one of three places, and the source is reported with every answer:
 ``pretrained`` (timm's weights through the model hub, cached under ``HF_HOME``), a local file
 (safetensors, or a torch file read with ``weights_only=True``), or ``random`` (only when asked).
@@ -9,18 +13,18 @@ Any problem raises :class:`StartupError` with a message that says what to do abo
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
+from timm.data import ImageNetInfo, infer_imagenet_subset
 from torch import nn
 
 import tome
+from tome_runtime import hardware
+from tome_runtime import weights as weights_io
 
-from . import weights as weights_io
 from .config import Settings
-from .hardware import resolve_dtype
 from .images import Preprocessor
-from .labels import class_labels
-from .models import LoadedModel
 from .params import RLimits
 
 log = logging.getLogger(__name__)
@@ -30,18 +34,74 @@ class StartupError(RuntimeError):
     """A model cannot be served; the message tells the operator how to fix it."""
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A patched model and its description. Only its inference worker's thread calls ``module``."""
+
+    name: str
+    module: nn.Module
+    weights: str
+    device: torch.device
+    dtype: torch.dtype
+    preprocessor: Preprocessor
+    labels: list[str]
+    num_tokens: int
+    """Tokens entering the first block, prefix tokens included."""
+    limits: RLimits
+    """The r it accepts, its default r and what r=auto may choose (params.py)."""
+    costs: list[tome.RCost]
+    """Analytical GMACs of every r up to its ceiling (``tome.cost_table``)."""
+    notes: list[str] = field(default_factory=list)
+    dtype_reason: str = "set explicitly"
+    """Why the model runs in ``dtype`` (``--dtype auto`` names the hardware feature)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def depth(self) -> int:
+        return len(self.module.blocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.module.num_prefix_tokens)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.module.patch_embed.patch_size)
+
+    def token_counts(self, r: int) -> list[int]:
+        return tome.token_counts(self.num_tokens, self.depth, r, self.num_prefix_tokens)
+
+
+def class_labels(model: nn.Module) -> list[str]:
+    """One label per output class; ``"class <i>"`` where the model's label set is unknown."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    subset = infer_imagenet_subset(model) if num_classes else None
+    if subset is not None:
+        info = ImageNetInfo(subset)
+        if info.num_classes() == num_classes:
+            return [info.index_to_description(i) for i in range(num_classes)]
+    return [f"class {i}" for i in range(num_classes)]
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StartupError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return torch.device(name)
+    """:func:`tome_runtime.hardware.resolve_device`, failing the way every start-up problem fails."""
+    try:
+        return hardware.resolve_device(name)
+    except hardware.DeviceError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def load_model(name: str, settings: Settings) -> LoadedModel:
     """Create, load, patch and describe one model (not yet warmed: its worker does that)."""
     device = resolve_device(settings.device)
-    choice = resolve_dtype(settings.dtype, device)
+    choice = hardware.resolve_dtype(settings.dtype, device)
     dtype = choice.dtype
     module, weights, notes = _create(name, settings.weights, settings.model_kwargs)
     try:

@@ -32,15 +32,14 @@ import torch
 from .auto import AutoMetrics
 from .config import Settings
 from .errors import BadRequest, ClientGone, DeadlineExceeded, QueueFull, ServeError, Unavailable, UnknownModel
-from .hardware import ThreadPlan, plan_threads
 from .images import decode_image
 from .inference import ForwardGate
 from .item import Item, Result, Want
 from .lane import Lane
-from .loading import StartupError, load_model, resolve_device
+from .loading import LoadedModel, StartupError, load_model, resolve_device
 from .metrics import Metrics
-from .models import LoadedModel
 from .params import RChoice
+from .threads import ThreadPlan, plan_threads
 
 log = logging.getLogger(__name__)
 

@@ -431,3 +431,27 @@ def test_model_without_classifier_head_shows_its_merge_map(tmp_path: Path) -> No
         assert "no classifier head" in text(driver, "predictions")
         assert "no classifier head" in text(driver, "weights-note")
         assert not driver.find_element(By.ID, "error").is_displayed()
+
+
+def test_api_docs_show_every_operation_from_this_server_alone(server: str) -> None:
+    """/docs renders Swagger UI from the server's own files (the machine has no internet), under its
+    Content-Security-Policy: the operations are listed, not a white page."""
+    classify = "#swagger-ui .opblock-post .opblock-summary-path[data-path='/classify']"
+    with chromium() as driver, screenshot_on_exit(driver, "docs-browser"):
+        driver.get(server + "/docs")
+        try:
+            WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, classify)
+            )
+        except TimeoutException:
+            shown = driver.find_element(By.TAG_NAME, "body").text[:300]
+            raise AssertionError(f"/docs lists no POST /classify; it shows {shown!r}") from None
+        paths = {
+            element.get_attribute("data-path")
+            for element in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+        }
+        assert {"/classify", "/visualize", "/models"} <= paths, paths
+        loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(url.startswith(server) for url in loaded), loaded
+        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors  # a script or style the policy refused would be reported here

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from html.parser import HTMLParser
 
@@ -9,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tome_serve import demo
+from tome_serve import demo, docs
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,26 @@ def test_accessibility_basics_in_markup(client: TestClient) -> None:
         assert control.get("id") in page.label_for or control.get("aria-label"), control
     for image in page.images:
         assert image.get("alt"), image
+
+
+@pytest.mark.parametrize("root_path", ["", "/behind/a/proxy"])
+def test_api_docs_load_only_from_this_server(root_path: str) -> None:
+    """/docs references Swagger UI's files on this server (under a proxy's prefix, if any), each served
+    with its type, and its policy allows the page's one inline set-up script and nothing else."""
+    app = FastAPI(title="t", docs_url=None)
+    docs.install(app)
+    response = TestClient(app, root_path=root_path).get("/docs")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = _parse(response.text)
+    assert page.urls and all(url.startswith(f"{root_path}/docs/assets/") for url in page.urls), page.urls
+    assert f"url: '{root_path}/openapi.json'" in response.text
+    types = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    for url in page.urls:
+        asset = TestClient(app).get(url.removeprefix(root_path))
+        assert asset.status_code == 200, url
+        assert asset.headers["content-type"].startswith(types[url[url.rfind(".") :]]), url
+    (script,) = re.findall(r"<script>(.*?)</script>", response.text, flags=re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = response.headers["content-security-policy"]
+    assert f"script-src 'self' 'sha256-{digest}';" in policy and "default-src 'self'" in policy
+    assert TestClient(app).get("/docs/assets/index.html").status_code == 404  # the package's own page

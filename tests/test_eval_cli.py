@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from tiny import (
     BASES,
+    NAME,
     NUM_CLASSES,
     eval_model,
     give_colour_classifier,
@@ -25,6 +28,7 @@ from tiny import (
 )
 
 import tome
+from tome_eval import sweep
 from tome_eval.cli import main
 
 R_VALUES = [0, 2, 4]
@@ -91,7 +95,7 @@ def test_labelled_folder_outputs_and_accuracy_match_hand_count(tmp_path, colour_
         assert plot.format == "PNG" and plot.width > 300
 
 
-def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_model):
+def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, capsys, colour_model):
     _, weights = colour_model
     for i in range(5):
         pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i % len(BASES)], seed=i)
@@ -103,6 +107,7 @@ def test_unlabelled_folder_reports_agreement_but_no_accuracy(tmp_path, colour_mo
     rows = document["rows"]
     assert -1 <= document["info"]["cosine_between_images"] < 1
     assert [row["top1"] for row in rows] == [None, None, None]
+    assert "weights are random" not in capsys.readouterr().err  # trained-like weights: no warning
     assert rows[0]["agreement"] == 1.0
     assert all(0 <= row["agreement"] <= 1 for row in rows)
     assert all(-1 <= row["cosine_mean"] <= 1.0001 for row in rows)
@@ -127,8 +132,35 @@ def test_backbone_has_no_agreement_and_a_headless_file_loads(tmp_path, capsys):
     # The same backbone weights into a model with a classifier: loads, with the head reported random.
     assert run_eval([str(tmp_path / "photos"), *model_args(weights), "--out", str(out)]) == 0
     info = json.loads((out / "sweep.json").read_text())["info"]
-    assert info["head"].startswith("random")
-    assert "head.weight" in capsys.readouterr().err
+    assert info["head"].startswith("random") and sweep.RANDOM_HEAD in info["warnings"]
+    err = capsys.readouterr().err
+    assert "head.weight" in err and f"warning: {sweep.RANDOM_HEAD}" in err
+
+
+def test_random_weights_warn_that_quality_means_little_and_speed_shows_its_spread(tmp_path, capsys):
+    for i in range(3):
+        pattern_image(tmp_path / "photos" / f"p{i}.png", BASES[i], seed=i)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "photos"), *model_args("random"), "--timing-rounds", "3", "--no-plot"]
+    assert run_eval([*args, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {sweep.RANDOM_WEIGHTS}" in captured.err
+    assert sweep.RANDOM_WEIGHTS in json.loads((out / "sweep.json").read_text())["info"]["warnings"]
+    assert "speedup IQR" in captured.out and "3 interleaved rounds' ratios to r=0" in captured.out
+    for row in read_csv(out / "sweep.csv"):
+        low, middle, high = (float(row[key]) for key in ("speedup_low", "speedup", "speedup_high"))
+        assert 0 < low <= middle <= high
+
+
+def test_without_matplotlib_the_hint_names_the_eval_extra(tmp_path, capsys, monkeypatch, colour_model):
+    _, weights = colour_model
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails
+    out = tmp_path / "out"
+    assert run_eval([*model_args(weights), "--r", "4", "--timing-rounds", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed (pip install 'tome-serve[eval]'): no plot written" in err
+    assert f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}\n" in err and not (out / "sweep.png").exists()
 
 
 def test_speed_only_without_a_folder(tmp_path, colour_model):
@@ -228,6 +260,28 @@ def test_module_entry_point_runs(tmp_path):
     )
     assert result.returncode == 0
     assert "--combos" in result.stdout and "labels.tsv" in result.stdout
+
+
+HUB_RETRIES_S = 50
+"""How long the hub client retries an unreachable hub before it gives up (about a minute, measured)."""
+
+
+def test_pretrained_weights_without_the_hub_fail_fast_in_one_line(tmp_path):
+    """The hub is probed before its client is imported, as tome-serve does: offline, the client looks in
+    the (empty) cache only and fails at once, and the error is one line with exit code 2."""
+    env = {key: value for key, value in os.environ.items() if not key.upper().endswith("_PROXY")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="")
+    command = [sys.executable, "-m", "tome_eval", "--model", NAME, "--weights", "pretrained"]
+    started = time.monotonic()
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120
+    )
+    # The imports (torch, timm) take most of it: 3-8 s on a shared 2-core machine.
+    assert time.monotonic() - started < HUB_RETRIES_S / 2, result.stderr
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tome-eval: error: could not obtain pretrained weights for vit_tiny_patch16_224")
+    assert "--weights random" in line and "Traceback" not in result.stderr
 
 
 def test_wordnet_folders_with_an_imagenet_sized_model_and_limit(tmp_path):

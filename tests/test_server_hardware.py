@@ -8,16 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tome_serve.hardware import (
+from tome_runtime.hardware import (
+    DeviceError,
     auto_dtype,
     cpu_bf16_reason,
     cpu_flags,
     cpu_name,
-    plan_threads,
+    resolve_device,
     resolve_dtype,
-    usable_cores,
 )
 from tome_serve.inference import ForwardGate
+from tome_serve.loading import StartupError
+from tome_serve.loading import resolve_device as server_device
+from tome_serve.threads import plan_threads, usable_cores
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -74,6 +77,15 @@ def test_cuda_needs_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> Non
     assert auto_dtype("cuda").dtype == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))  # T4: emulated only
     assert auto_dtype("cuda").dtype == torch.float32
+
+
+def test_missing_cuda_is_one_error_that_the_server_reports_at_start_up(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == server_device("cpu")
+    with pytest.raises(DeviceError, match="PyTorch sees no CUDA device; use --device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(StartupError, match="PyTorch sees no CUDA device; use --device cpu"):
+        server_device("cuda")
 
 
 def test_explicit_choices_pass_through() -> None:

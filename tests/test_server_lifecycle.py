@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,8 +31,7 @@ from serverutil import (
 import tome
 from tome_serve.app import create_app
 from tome_serve.config import Settings
-from tome_serve.loading import load_model
-from tome_serve.models import LoadedModel
+from tome_serve.loading import LoadedModel, load_model
 
 MODEL = "vit_tiny_patch16_224"
 TOKENS, DEPTH = 65, 4
@@ -233,7 +233,8 @@ def test_invalid_settings_are_reported() -> None:
     assert result.returncode == 2 and "port" in result.stderr
 
 
-def test_sigterm_finishes_queued_requests_then_exits() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_finishes_queued_requests_then_exits_0(stop: signal.Signals) -> None:
     server = start_server({"TOME_MAX_BATCH_SIZE": "64", "TOME_MAX_DELAY_MS": "1500"})
     try:
 
@@ -244,14 +245,16 @@ def test_sigterm_finishes_queued_requests_then_exits() -> None:
                     for r in (0, 8, 8)
                 ]
                 await asyncio.sleep(0.5)  # received and queued, waiting for the 1.5 s batch window
-                server.process.terminate()  # SIGTERM
+                server.process.send_signal(stop)
                 return await asyncio.gather(*queued)
 
         responses = asyncio.run(scenario())
         assert [response.status_code for response in responses] == [200, 200, 200]
         assert [response.json()["batch_size"] for response in responses] == [1, 2, 2]
-        server.process.wait(30)
+        # A clean drain is a normal exit: not 143 (killed by SIGTERM), not -2 and a KeyboardInterrupt.
+        assert server.process.wait(30) == 0, server.log()[-3000:]
         assert "Application shutdown complete" in server.log()
+        assert "Traceback" not in server.log() and "KeyboardInterrupt" not in server.log()
     finally:
         server.stop()
         server.log_path.unlink(missing_ok=True)
@@ -260,6 +263,29 @@ def test_sigterm_finishes_queued_requests_then_exits() -> None:
         raise AssertionError("the server still answers after SIGTERM")
     except httpx.TransportError:
         pass
+
+
+def test_a_second_ctrl_c_stops_before_the_drain_and_exits_non_zero() -> None:
+    server = start_server({"TOME_MAX_BATCH_SIZE": "64", "TOME_MAX_DELAY_MS": "5000"})
+    try:
+
+        async def scenario() -> BaseException | httpx.Response:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
+                queued = asyncio.create_task(http.post("/classify", content=png()))
+                await asyncio.sleep(0.5)  # queued, waiting for the 5 s batch window
+                server.process.send_signal(signal.SIGINT)
+                await asyncio.sleep(0.5)
+                server.process.send_signal(signal.SIGINT)  # do not wait for the queued request
+                (outcome,) = await asyncio.gather(queued, return_exceptions=True)
+                return outcome
+
+        outcome = asyncio.run(scenario())
+        assert not isinstance(outcome, httpx.Response) or outcome.status_code != 200
+        assert server.process.wait(30) == 4, server.log()[-3000:]
+        assert "stopped before every request was answered" in server.log()
+    finally:
+        server.stop()
+        server.log_path.unlink(missing_ok=True)
 
 
 def test_auto_settings_are_checked_at_start_up() -> None:

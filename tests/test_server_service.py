@@ -12,9 +12,9 @@ from serverutil import TINY_MODEL_KWARGS, png
 from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.errors import BadRequest, DeadlineExceeded, ImageError, Unavailable, UnknownModel
-from tome_serve.hardware import usable_cores
 from tome_serve.item import Result, Want
 from tome_serve.service import Arrived, InferenceService
+from tome_serve.threads import usable_cores
 
 MODEL = "vit_tiny_patch16_224"
 

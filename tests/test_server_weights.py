@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from tiny import TINY
 
-from tome_serve.weights import WeightsError, create
+from tome_runtime.weights import WeightsError, create
 
 NAME, KWARGS = "vit_tiny_patch16_224", dict(TINY, img_size=32, num_classes=5)
 

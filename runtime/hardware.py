@@ -1,4 +1,5 @@
-"""What the hardware computes fast: the ``--dtype auto`` choice, with the reason it was made.
+"""What the hardware computes fast: the CPU's name and flags, the device, and the ``--dtype auto``
+choice with the reason it was made. The server, ``tome-eval`` and ``tome-bench`` all ask here.
 
 bfloat16 halves the bytes of every weight and activation, and on hardware with bfloat16 arithmetic
 it is 1.3-3x faster than float32 for a ViT (measured in notes of issue 11: AMD EPYC with
@@ -16,7 +17,6 @@ float32, so ``auto`` picks bfloat16 only where the hardware has it:
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,87 +108,14 @@ def resolve_dtype(requested: str, device: torch.device | str) -> DtypeChoice:
     return DtypeChoice(dtype, "set explicitly")
 
 
-@dataclass(frozen=True)
-class ThreadPlan:
-    """How a model's CPU work is split: inference threads (instances), torch threads in each, and
-    the threads that decode and preprocess uploads; with the reason for the automatic values."""
-
-    instances: int
-    torch_threads: int
-    preprocess_threads: int
-    reason: str
-    decode_between_batches: bool = False
-    """Decoding waits while a forward pass runs (see ``inference.ForwardGate``): set when one
-    instance's torch threads take every core."""
+class DeviceError(RuntimeError):
+    """The device that was asked for does not exist here; the message says what to use instead."""
 
 
-SMALL_CPU_CORES = 4
-"""Up to this many cores, each instance runs one torch thread: no OpenMP barrier to stall."""
-THREADS_PER_INSTANCE = 4
-"""On larger CPUs, torch threads per instance."""
-
-
-def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """Cores this process may use: its affinity mask (a container's cpuset, taskset), capped by a
-    cgroup v2 CPU quota (a container's or pod's CPU limit, rounded up)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def plan_threads(
-    instances: int | str,
-    torch_threads: int | str,
-    preprocess_threads: int | str,
-    device: torch.device | str = "cpu",
-    cores: int | None = None,
-) -> ThreadPlan:
-    """Resolve each "auto" from the cores (explicit integers are kept).
-
-    On a CPU the cores are shared out so that instances x torch threads = cores: on up to
-    :data:`SMALL_CPU_CORES` cores one instance per core with one torch thread each (a forward
-    spread over two cores stalls at every barrier when anything else takes part of a core; two
-    single-threaded batches side by side do not), on more cores instances of
-    :data:`THREADS_PER_INSTANCE` threads. Preprocessing gets a quarter of the cores (at least one):
-    decoding and resizing a typical upload costs 2-5 % of the model's time per image. On a GPU one
-    instance feeds the device and the CPU threads decode.
-
-    One CPU instance whose torch threads take every core (``TOME_INSTANCES=1`` on a small CPU) has
-    its images decoded between its batches instead of beside them, by as many preprocessing
-    threads as torch threads.
-    """
-    cores = usable_cores() if cores is None else max(1, cores)
-    why: list[str] = []
-    if torch.device(device).type != "cpu":
-        n = 1 if instances == "auto" else int(instances)
-        t = max(1, cores // n) if torch_threads == "auto" else int(torch_threads)
-        p = max(1, min(4, cores // 2)) if preprocess_threads == "auto" else int(preprocess_threads)
-        return ThreadPlan(n, t, p, f"{torch.device(device).type}: one instance per model; {cores} CPU cores")
-    if instances == "auto" and torch_threads == "auto":
-        t = 1 if cores <= SMALL_CPU_CORES else THREADS_PER_INSTANCE
-        n = max(1, cores // t)
-        why.append(f"{cores} cores: {n} instance(s) x {t} torch thread(s)")
-    elif instances == "auto":
-        t = int(torch_threads)
-        n = max(1, cores // t)
-        why.append(f"{cores} cores / {t} torch threads: {n} instance(s)")
-    else:
-        n = int(instances)
-        t = max(1, cores // n) if torch_threads == "auto" else int(torch_threads)
-        if torch_threads == "auto":
-            why.append(f"{cores} cores / {n} instance(s): {t} torch thread(s) each")
-    between = n == 1 and t > 1 and cores <= t  # no core is left for decoding beside the pass
-    p = (t if between else max(1, cores // 4)) if preprocess_threads == "auto" else int(preprocess_threads)
-    if preprocess_threads == "auto":
-        why.append(f"{p} preprocessing thread(s)")
-    if between:
-        why.append("one instance takes every core: images are decoded between its batches")
-    return ThreadPlan(n, t, p, "; ".join(why) or "set explicitly", between)
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if PyTorch sees a GPU, else CPU), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return torch.device(name)
