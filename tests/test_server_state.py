@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from serverutil import TINY_MODEL_KWARGS, is_ready, png, start_server, wait_until
 from tiny import NAME, tiny_vit
 
+from tome_bench.ready import table_line
 from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.state import Keeper, LaneState, StateFolder, StateKey, weights_digest
@@ -218,4 +219,5 @@ def test_a_restart_with_the_state_folder_is_ready_without_the_warm_up(tmp_path):
     loaded = re.search(r"timing table: 36 cells loaded from \S+ in ([\d.]+) s", logs[1])
     assert measured and loaded, logs
     assert float(loaded[1]) < float(measured[1])
+    assert [table_line(log) for log in logs] == [(36, float(measured[1])), (36, float(loaded[1]))]  # bench
     assert auto[1]["target_ms"] == auto[0]["target_ms"]  # derived from the same table
