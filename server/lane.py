@@ -1,6 +1,6 @@
 """One served model, one object: its :class:`Lane` holds the loaded model, its inference worker (the
 threads that run its batches), its queues and how their batches are planned and run, and its r=auto
-with the measured timing table and latency target.
+with the measured timing table and latency target, and its file in the state folder (state.py).
 
 The service looks a model's lane up by name and leaves everything model-specific to it: checking a
 request against the model (:meth:`Lane.admit`), refusing it while its queue has no room or r=auto
@@ -157,12 +157,12 @@ class Lane:
         """A dummy batch timed on an inference thread, in r=auto's backlog like a real one."""
         ticket = self.auto.handed(r, batch_size)
         ticket.started()
-        seconds = None
+        seconds: float | None = None
         try:
             seconds = self.worker.time_batch(r, batch_size)
+            return seconds
         finally:
-            ticket.finished(seconds)
-        return seconds
+            ticket.finished(seconds)  # None (it failed): out of the backlog, nothing learnt
 
     def _idle(self) -> bool:
         """No batch running, and no request seen for IDLE_S."""

@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -161,13 +162,15 @@ def test_weights_are_told_apart_by_their_tensors_and_random_ones_by_the_seed():
 # -- a server's start ---------------------------------------------------------------------------
 
 
-def serve(state_dir: Path, **changes: object) -> dict:
-    """Start the tiny model in-process with ``state_dir``, answer one request, stop; its /models."""
+def serve(state_dir: Path, until: Callable[[], bool] = lambda: True, **changes: object) -> dict:
+    """Start the tiny model in-process with ``state_dir``, answer one request, wait ``until``, stop;
+    its /models."""
     base = {"model_kwargs": TINY_MODEL_KWARGS, "device": "cpu", "dtype": "float32", "auto_warmup_s": 2}
     settings = Settings(model=NAME, weights="random", state_dir=state_dir, **{**base, **changes})
     with TestClient(create_app(settings)) as client:
         wait_until(lambda: is_ready(client), 60, "/readyz 200")
         assert client.post("/classify", content=png()).status_code == 200
+        wait_until(until, 60, "the condition")
         return client.get("/models").json()["models"][0]["auto"]
 
 
@@ -221,3 +224,15 @@ def test_a_restart_with_the_state_folder_is_ready_without_the_warm_up(tmp_path):
     assert float(loaded[1]) < float(measured[1])
     assert [table_line(log) for log in logs] == [(36, float(measured[1])), (36, float(loaded[1]))]  # bench
     assert auto[1]["target_ms"] == auto[0]["target_ms"]  # derived from the same table
+
+
+def test_a_loaded_table_is_measured_again_while_idle_and_saved(tmp_path, caplog):
+    serve(tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    first = json.loads(path.read_text())
+    with caplog.at_level(logging.INFO, logger="tome_serve"):
+        auto = serve(tmp_path, until=lambda: "background re-check" in caplog.text)
+    assert auto["timings_source"] == "state"
+    assert re.search(r"\d+ cells re-measured while idle: now / saved = [\d.]+ \(median", caplog.text)
+    again = json.loads(path.read_text())
+    assert again["written"] > first["written"] and again["key"] == first["key"]
