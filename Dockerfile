@@ -9,7 +9,8 @@
 # packages), so both variants share the slim Python base; the host only needs the NVIDIA driver and the
 # NVIDIA Container Toolkit (`docker run --gpus all`).
 # Configuration is by the server's TOME_* environment variables; weights are cached under HF_HOME on
-# the /cache volume so that a restarted container does not download them again.
+# the /cache volume so that a restarted container does not download them again. /state is there for
+# TOME_STATE_DIR (owned by the server's user, so a fresh named volume mounted there is writable).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -51,8 +52,8 @@ FROM ${PYTHON_IMAGE} AS runtime
 # A fixed numeric UID, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 RUN groupadd --system --gid 10001 tome \
     && useradd --system --uid 10001 --gid tome --home-dir /home/tome --create-home tome \
-    && mkdir -p /cache/huggingface /cache/torch \
-    && chown -R tome:tome /cache
+    && mkdir -p /cache/huggingface /cache/torch /state \
+    && chown -R tome:tome /cache /state
 
 COPY --from=builder /opt/venv /opt/venv
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -120,6 +121,12 @@ class Settings(BaseSettings):
         description="start-up budget per model for measuring r=auto's cost table (0: one batch size "
         "at r=0; real batches fill in the rest)",
     )
+    state_dir: Path | None = Field(
+        None,
+        description="folder that keeps each model's measured r=auto cost table between starts, keyed by "
+        "model, weights, dtype, hardware, torch and timm versions and thread plan: a start that finds a "
+        "valid one is ready without the warm-up and re-checks it in the background; unset: none kept",
+    )
     api_key: SecretStr | None = Field(
         None, description="when set, requests need 'Authorization: Bearer <key>' (prefer the variable)"
     )
@@ -165,7 +172,7 @@ class Settings(BaseSettings):
     def _auto_or_integer(cls, value: object) -> object:
         return parse_r_choice(value, "TOME_DEFAULT_R")
 
-    @field_validator("max_r", "api_key", "latency_target_ms", "auto_max_r", mode="before")
+    @field_validator("max_r", "api_key", "latency_target_ms", "auto_max_r", "state_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -1,6 +1,6 @@
 """One served model, one object: its :class:`Lane` holds the loaded model, its inference worker (the
 threads that run its batches), its queues and how their batches are planned and run, and its r=auto
-with the measured timing table and latency target.
+with the measured timing table and latency target, and its file in the state folder (state.py).
 
 The service looks a model's lane up by name and leaves everything model-specific to it: checking a
 request against the model (:meth:`Lane.admit`), refusing it while its queue has no room or r=auto
@@ -16,11 +16,14 @@ import asyncio
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 from . import pooling
 from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
+from .auto.recheck import recheck
 from .batching import Batch, Batcher, BatchPlan, BatchPolicy
 from .config import Settings
 from .errors import BadRequest, QueueFull
@@ -29,9 +32,13 @@ from .item import Item, QueueKey, Result, Want
 from .loading import LoadedModel
 from .metrics import Metrics
 from .params import AUTO, ParamError, auto_params, merge_rule, top_k
+from .state import Keeper, LaneState, StateFolder, lane_key
 from .threads import ThreadPlan
 
 log = logging.getLogger(__name__)
+
+IDLE_S = 1.0
+"""The background re-check runs a batch only after this long without requests."""
 
 
 class Lane:
@@ -67,6 +74,11 @@ class Lane:
         """Set by :meth:`warm`."""
         self.target_ms = settings.request_timeout_ms
         """The latency target of r=auto requests that name none (TOME_LATENCY_TARGET_MS, or derived)."""
+        self.timings_source: Literal["measured", "state"] = "measured"
+        self.state: LaneState | None = None
+        """This lane's file in TOME_STATE_DIR (None when unset)."""
+        self._keeper: Keeper | None = None
+        self._running, self._last_request = 0, 0.0
 
     @property
     def name(self) -> str:
@@ -75,15 +87,26 @@ class Lane:
     # -- start-up (on the loading thread) ---------------------------------------------------------
 
     def warm(self) -> None:
-        """Run a batch of every size, then measure r=auto's timing table within TOME_AUTO_WARMUP_S and
-        set the latency target. Blocks; runs before /readyz turns 200."""
+        """Run a batch of every size, then take r=auto's timing table from the state folder or measure
+        it within TOME_AUTO_WARMUP_S, and set the latency target. Blocks; runs before /readyz turns 200."""
         settings, limits = self.settings, self.model.limits
         self.worker.warm(tuple(sorted({1, settings.max_batch_size})))
+        started = time.monotonic()
         table = TimingTable(
             self.name, limits.auto_ceiling, settings.max_batch_size, merge=settings.default_merge
         )
-        started = time.monotonic()
-        cells = table.warm_up(self.worker.time_batch, budget_s=settings.auto_warmup_s)
+        if settings.state_dir is not None:
+            key = lane_key(self.model, settings, table.rs, self.worker.instances, self.worker.torch_threads)
+            self.state = LaneState(StateFolder(settings.state_dir), key)
+        saved = self._saved_table(table)
+        if saved is not None:
+            table, cells, self.timings_source = saved, len(saved.to_json()["cells"]), "state"
+        else:
+            cells = table.warm_up(self.worker.time_batch, budget_s=settings.auto_warmup_s)
+        if self.state is not None:
+            self.state.provide("timings", table.to_json)
+            if self.timings_source == "measured":
+                self.state.save()
         full = table.snapshot().seconds(0, settings.max_batch_size)
         if settings.latency_target_ms is not None:
             self.target_ms = settings.latency_target_ms
@@ -92,10 +115,11 @@ class Lane:
         self.auto = AutoR(table, limits.auto_ceiling, self.worker.instances, self._auto_metrics)
         self._auto_metrics.target.labels(self.name).set(self.target_ms / 1000.0)
         log.info(
-            "%s: r=auto timing table: %d cells measured in %.1f s (r=0, batch %d: %.0f ms); latency target "
+            "%s: r=auto timing table: %d cells %s in %.1f s (r=0, batch %d: %.0f ms); latency target "
             "%g ms%s; auto ceiling %d",
             self.name,
             cells,
+            "measured" if self.timings_source == "measured" else f"loaded from {self.state.path}",
             time.monotonic() - started,
             settings.max_batch_size,
             full * 1000,
@@ -103,6 +127,49 @@ class Lane:
             "" if settings.latency_target_ms is not None else " (derived: 2 full batches at r=0)",
             limits.auto_ceiling,
         )
+
+    def _saved_table(self, like: TimingTable) -> TimingTable | None:
+        """The state file's timing table, if it has one on the grid of ``like``."""
+        saved = self.state.section("timings") if self.state is not None else None
+        if saved is None:
+            return None
+        try:
+            table = TimingTable.from_json(saved)
+            if (table.rs, table.max_batch, table.merge) != (like.rs, like.max_batch, like.merge):
+                grid = f"r {table.rs}, batch 1..{table.max_batch}, merge rule {table.merge}"
+                raise ValueError(f"its grid is {grid}: not this lane's")
+        except ValueError as exc:
+            self.state.discard("timings", str(exc))
+            return None
+        return table
+
+    def keep_state(self) -> None:
+        """Once the server is ready: re-check a loaded table while idle, and save the state every few
+        minutes and at shutdown (no-op without TOME_STATE_DIR)."""
+        if self.state is None:
+            return
+        self._keeper = Keeper(self.state, self._recheck if self.timings_source == "state" else None)
+        self._keeper.start()
+
+    def _recheck(self, stop: threading.Event) -> None:
+        table, budget_s = self.auto.table, self.settings.auto_warmup_s
+        done = recheck(table, self._backlogged_batch, self._idle, stop, budget_s)
+        log.info("%s: background re-check of the saved timing table: %s", self.name, done.describe())
+
+    def _backlogged_batch(self, r: int, batch_size: int) -> float:
+        """A dummy batch timed on an inference thread, in r=auto's backlog like a real one."""
+        ticket = self.auto.handed(r, batch_size)
+        ticket.started()
+        seconds: float | None = None
+        try:
+            seconds = self.worker.time_batch(r, batch_size)
+            return seconds
+        finally:
+            ticket.finished(seconds)  # None (it failed): out of the backlog, nothing learnt
+
+    def _idle(self) -> bool:
+        """No batch running, and no request seen for IDLE_S."""
+        return not self._running and time.monotonic() - self._last_request >= IDLE_S
 
     # -- one request ------------------------------------------------------------------------------
 
@@ -176,6 +243,7 @@ class Lane:
     def reserve(self, items: Sequence[Item]) -> None:
         """Hold a place in the queue for each of ``items`` while their images are decoded (a batch
         waits for them meanwhile); all or none."""
+        self._last_request = time.monotonic()
         for done, item in enumerate(items):
             try:
                 self.batcher.reserve(item.key, item.waiting)
@@ -223,13 +291,18 @@ class Lane:
             await self.worker.run(batch)
             return
         ticket = self.auto.handed(batch.r, len(batch.items), batch.key.merge)
+        self._running += 1
         try:
             await self.worker.run(batch, ticket)
         finally:
             ticket.finished(None)  # no-op unless the batch never reached the model
+            self._running -= 1
+            self._last_request = time.monotonic()
 
     # -- shutting down ----------------------------------------------------------------------------
 
     async def drain(self) -> None:
         await self.batcher.drain()
+        if self._keeper is not None:  # before the worker closes: a re-check batch may be running
+            await asyncio.to_thread(self._keeper.stop)
         self.worker.close()

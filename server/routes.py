@@ -311,6 +311,7 @@ def _auto_info(lane: Lane) -> AutoInfo | None:
         target_ms=lane.target_ms,
         max_r=lane.model.limits.auto_ceiling,
         timings=[MeasuredTiming(**row) for row in lane.auto.table.describe(gmacs)],
+        timings_source=lane.timings_source,
     )
 
 

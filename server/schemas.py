@@ -69,6 +69,10 @@ class AutoInfo(BaseModel):
         description="The auto ceiling: largest r r=auto chooses (TOME_AUTO_MAX_R, at most r_max)"
     )
     timings: list[MeasuredTiming] = Field(description="The measured timing table r=auto decides from")
+    timings_source: Literal["measured", "state"] = Field(
+        description="'measured' at this start, or 'state': loaded from TOME_STATE_DIR (re-checked in the "
+        "background while idle)"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -308,6 +308,8 @@ class InferenceService:
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
             log.info("ready: %s", ", ".join(f"{lane.name} ({lane.model.weights})" for lane in lanes.values()))
+            for lane in lanes.values():  # after ready: a re-check must not slow another model's warm-up
+                lane.keep_state()
 
     def _load_all(self) -> dict[str, Lane]:
         lanes: dict[str, Lane] = {}

@@ -129,3 +129,16 @@ def test_gpu_override_reserves_nvidia_gpus_with_real_settings():
     (device,) = tome["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert set(tome["environment"]) <= server_env_names()
+
+
+def test_the_state_folder_is_a_named_volume():
+    """TOME_STATE_DIR's default is mounted from a named volume, so a recreated container starts from the
+    measured cost table; the image owns that folder by the server's user (a fresh volume copies it)."""
+    compose = load(COMPOSE)
+    tome = compose["services"]["tome"]
+    default = tome["environment"]["TOME_STATE_DIR"].removeprefix("${TOME_STATE_DIR-").removesuffix("}")
+    mounts = {volume.split(":")[1].split()[0]: volume.split(":")[0] for volume in tome["volumes"]}
+    assert mounts[default] in compose["volumes"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"mkdir -p /cache/huggingface /cache/torch {default}" in dockerfile
+    assert f"chown -R tome:tome /cache {default}" in dockerfile

@@ -209,3 +209,19 @@ def test_adapter_queries_parse_as_promql(tmp_path):
     path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": rules}]}))
     result = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_state_folder_is_a_node_volume_the_server_user_can_write():
+    """TOME_STATE_DIR is mounted from the node (a pod's emptyDir would be measured again by every new
+    pod), and the init container hands the kubelet-created (root-owned) folder to the server's user."""
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    env = {item["name"]: item.get("value") for item in container()["env"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container()["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[env["TOME_STATE_DIR"]])
+    assert volume["hostPath"]["type"] == "DirectoryOrCreate"
+    (init,) = pod["initContainers"]
+    folder = env["TOME_STATE_DIR"]
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]} == {volume["name"]: folder}
+    owner = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert init["command"] == ["chown", owner, folder]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}

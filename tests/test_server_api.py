@@ -110,6 +110,7 @@ def test_models_lists_r_range_and_costs(client: httpx.Client) -> None:
     # r=auto: the measured table on the cost grid, beside the analytical GMACs.
     auto = info["auto"]
     assert auto["max_r"] == 32 and 0 < auto["target_ms"] <= 10_000
+    assert auto["timings_source"] == "measured"  # no TOME_STATE_DIR: measured at this start
     assert [row["r"] for row in auto["timings"]] == list(range(0, 33, 4))
     for row in auto["timings"]:
         assert row["gmacs"] == pytest.approx(costs[row["r"]]["gmacs"])

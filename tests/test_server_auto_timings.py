@@ -3,6 +3,7 @@ measure, dominated r, robust updates from real batches, thread safety, and what 
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -191,3 +192,39 @@ def test_estimate_interpolates_off_grid_r_for_fixed_r_batches():
     assert snapshot.estimate(6, 8) == pytest.approx(cpu_like(6, 8))  # the fake is linear in r
     with pytest.raises(ValueError):
         snapshot.estimate(25, 8)
+
+
+def test_a_saved_table_restores_its_predictions_and_its_robustness():
+    """What the state folder keeps: the same predictions after a JSON round trip, and a cell that real
+    batches had settled still moves little for one outlier."""
+    table = warmed_table(with_slow_r20)
+    for _ in range(20):
+        table.observe(8, 8, cpu_like(8, 8))
+    restored = TimingTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert (restored.model, restored.rs, restored.max_batch) == ("fake", table.rs, MAX_BATCH)
+    assert restored.merge == table.merge == "tome"  # a lane refuses a table of another merge rule
+    assert restored.snapshot().rows() == table.snapshot().rows()
+    for copy in (table, restored):
+        copy.observe(8, 8, 10 * cpu_like(8, 8))
+    assert restored.snapshot().seconds(8, 8) == table.snapshot().seconds(8, 8) < 1.1 * cpu_like(8, 8)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda saved: saved.pop("cells"), "not a timing table"),
+        (lambda saved: saved["cells"].clear(), "no measured cell"),
+        (lambda saved: saved["cells"][0].update(r=3), "off the grid"),
+        (lambda saved: saved["cells"][0].update(batch_size=MAX_BATCH + 1), "off the grid"),
+        (lambda saved: saved["cells"][0].update(seconds=-0.5), "seconds > 0"),
+        (lambda saved: saved["cells"][0].update(seconds=float("nan")), "seconds > 0"),
+        (lambda saved: saved["cells"][0].update(samples=0), "samples >= 1"),
+        (lambda saved: saved["cells"][0].update(deviation=None), "not a timing table"),
+    ],
+    ids=["no cells", "empty", "r off grid", "batch off grid", "negative", "nan", "no samples", "null"],
+)
+def test_a_damaged_saved_table_is_refused_saying_what_is_wrong(damage, message):
+    saved = warmed_table().to_json()
+    damage(saved)
+    with pytest.raises(ValueError, match=message):
+        TimingTable.from_json(saved)

@@ -6,6 +6,7 @@
 - ``timings.py``    the measured timing table (seconds per r and batch size), warm-up and updates; not to
   be confused with the analytical GMACs of ``tome.cost_table``
 - ``metrics.py``    the r=auto metrics, and the timing table as gauges
+- ``recheck.py``    a table loaded from the state folder (``state.py``), measured again while idle
 """
 
 from .auto_r import AutoR, BatchTicket

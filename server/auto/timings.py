@@ -11,6 +11,8 @@ time depends on the hardware, the dtype and the batch size (on this project's CP
   neighbours (see :class:`Snapshot`).
 - :meth:`TimingTable.observe` folds in the forward time of every real batch, so the table follows the
   machine (thermal state, neighbours, a second inference thread) after start-up.
+- :meth:`TimingTable.to_json` / :meth:`TimingTable.from_json` keep the table in the state folder
+  (server/state.py), so a restart on the same hardware starts from it instead of measuring again.
 - An r that is not clearly faster than every smaller r at a batch size is *dominated* there: it would
   cost accuracy for no speed, and the controller never chooses it.
 
@@ -21,10 +23,12 @@ an immutable :class:`Snapshot`, rebuilt only after a change.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 BatchTimer = Callable[[int, int], float]
 """Runs one batch of ``batch_size`` images at ``r`` and returns its forward seconds. Injected, so the
@@ -89,6 +93,23 @@ class _Cell:
         self.seconds = seconds
         self.deviation = 0.1 * seconds
         self.samples = 1
+
+    def saved(self, r: int, size: int) -> dict[str, float | int]:
+        numbers = {"seconds": self.seconds, "deviation": self.deviation, "samples": self.samples}
+        return {"r": r, "batch_size": size, **numbers}
+
+    @classmethod
+    def restored(cls, saved: Mapping[str, Any]) -> _Cell:
+        """A cell as saved by :meth:`TimingTable.to_json`; ValueError unless its numbers can be one."""
+        seconds, deviation, samples = saved["seconds"], saved["deviation"], saved["samples"]
+        values = (float(seconds), float(deviation))
+        if not (all(math.isfinite(v) for v in values) and values[0] > 0 and values[1] >= 0):
+            raise ValueError(f"a cell needs seconds > 0 and deviation >= 0, got {seconds}, {deviation}")
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"a cell needs samples >= 1, got {samples!r}")
+        cell = cls(values[0])
+        cell.deviation, cell.samples = values[1], samples
+        return cell
 
     def update(self, seconds: float, alpha: float, clip: float) -> None:
         error = seconds - self.seconds
@@ -244,6 +265,7 @@ class TimingTable:
         self.model = model
         self.merge = merge
         """The merge rule whose batches it measures."""
+        self.r_step = r_step
         self.rs = r_grid(r_max, r_step)
         self.max_batch = max_batch
         self._min_gain, self._alpha, self._clip = min_gain, alpha, clip
@@ -319,6 +341,43 @@ class TimingTable:
         for row in self.snapshot().rows():
             labels = {"model": self.model, "r": str(row.r), "batch_size": str(row.batch_size)}
             yield labels, row.images_per_s, row.dominated
+
+    def to_json(self) -> dict[str, Any]:
+        """The grid and every measured cell's estimate, for the state folder (server/state.py)."""
+        with self._lock:
+            cells = [c.saved(*key) for key, c in sorted(self._cells.items())]
+        return {
+            "model": self.model,
+            "r_max": self.rs[-1],
+            "r_step": self.r_step,
+            "max_batch": self.max_batch,
+            "merge": self.merge,
+            "cells": cells,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TimingTable:
+        """The table :meth:`to_json` wrote; ValueError, saying what is wrong, for anything else (a
+        hand-edited or truncated file must not steer r=auto)."""
+        try:
+            table = cls(
+                str(data["model"]),
+                int(data["r_max"]),
+                int(data["max_batch"]),
+                int(data["r_step"]),
+                merge=str(data.get("merge", "tome")),
+            )
+            cells = {(int(c["r"]), int(c["batch_size"])): _Cell.restored(c) for c in data["cells"]}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a timing table ({type(exc).__name__}: {exc})") from None
+        if not cells:
+            raise ValueError("the timing table has no measured cell")
+        for r, size in cells:
+            if r not in table.rs or not 1 <= size <= table.max_batch:
+                grid = f"{table.rs} x 1..{table.max_batch}"
+                raise ValueError(f"cell (r={r}, batch {size}) is off the grid {grid}")
+        table._cells = cells
+        return table
 
     def _set(self, r: int, size: int, seconds: float) -> None:
         with self._lock:
