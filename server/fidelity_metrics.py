@@ -31,6 +31,11 @@ class FidelityMetrics:
         )
         registry.register(FidelityCollector(tables, floor))
 
+    def serving(self, model: str) -> None:
+        """``model`` is loaded: its shadow-run series exist from now on, at 0 while TOME_SHADOW_RATE is 0."""
+        for outcome in ("run", "dropped"):
+            self.shadow_runs.labels(model, outcome)
+
 
 class FidelityCollector(Collector):
     """The fidelity tables as gauges, read at scrape time (shadow runs change them at any time)."""

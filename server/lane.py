@@ -146,6 +146,7 @@ class Lane:
             detail = calibration.describe(report, folder, grid, seconds, settings.fidelity_min_samples)
             log.info("%s: %s", self.name, detail)
         self.fidelity = table
+        self._fidelity_metrics.serving(self.name)
         if settings.min_fidelity is not None:
             ceilings = {kind: self.fidelity_ceiling(kind, settings.min_fidelity) for kind in table.kinds}
             log.info(

@@ -50,8 +50,6 @@ class Shadow:
         self._reference, self._busy, self._runs = reference, busy, runs
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
-        for outcome in (RUN, DROPPED):  # both series exist from the start, at 0
-            runs.labels(model, outcome)
 
     def pick(self, r: int, size: int) -> frozenset[int]:
         """Which images of a batch of ``size`` at ``r`` to keep for a shadow run."""

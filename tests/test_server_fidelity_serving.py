@@ -16,7 +16,8 @@ import pytest
 import torch
 from autofakes import MAX_BATCH, R_MAX, FakeClock, warmed_table
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from serverutil import TINY_MODEL_KWARGS, metric_value, png
 
 from tome_serve import calibration
@@ -24,6 +25,7 @@ from tome_serve.app import create_app
 from tome_serve.auto.controller import AutoController, Waiting
 from tome_serve.config import Settings
 from tome_serve.fidelity import Comparison, FidelityTable, Outputs
+from tome_serve.fidelity_metrics import FidelityMetrics
 from tome_serve.inference import Kept
 from tome_serve.item import Result, Want
 from tome_serve.lane import Lane
@@ -231,7 +233,7 @@ def test_shadow_runs_only_while_idle_and_counts_what_it_drops() -> None:
         return Outputs(torch.eye(1, 4), torch.ones(1, 4))
 
     def count(outcome: str) -> float:
-        return registry.get_sample_value("tome_shadow_runs_total", {"model": "m", "outcome": outcome})
+        return registry.get_sample_value("tome_shadow_runs_total", {"model": "m", "outcome": outcome}) or 0.0
 
     async def scenario() -> None:
         shadow = Shadow("m", 1.0, table, reference, state, runs)
@@ -277,3 +279,16 @@ def test_shadow_runs_fill_the_table_when_idle_and_are_dropped_under_load() -> No
             time.sleep(0.01)
         assert counted("dropped") > 0  # batches that ended with more waiting behind them
         assert lane.fidelity.estimate(4, "agreement").samples == counted("run") - 3
+
+
+def test_every_fidelity_metric_the_deploy_files_use_is_registered_and_passes_promtool(promtool) -> None:
+    from test_deploy_prometheus import FIDELITY_METRICS
+
+    registry = CollectorRegistry()
+    metrics = FidelityMetrics(registry, lambda: [known_table()], floor=0.95)
+    metrics.serving(MODEL)
+    text = generate_latest(registry).decode()
+    names = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert not FIDELITY_METRICS - names, FIDELITY_METRICS - names
+    result = promtool("check", "metrics", input=text)
+    assert result.returncode == 0, result.stdout + result.stderr
