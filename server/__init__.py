@@ -23,6 +23,13 @@ r=auto (the server chooses each batch's r to hold a latency target), beside that
 - ``costs.py``       the measured cost table (seconds per r and batch size), warm-up and updates
 - ``auto_metrics.py`` the r=auto metrics and the cost table as gauges
 
+Fidelity (how closely answers at r match r=0; a floor instead of an r), beside it:
+
+- ``fidelity.py``    the table per model: agreement and cosine with r=0, lower bounds, JSON format
+- ``calibration.py`` start-up calibration on a folder of images (TOME_CALIBRATION_DIR)
+- ``shadow.py``      shadow runs of live traffic at r=0, while the model is idle
+- ``fidelity_metrics.py`` the fidelity gauges and the shadow-run counter
+
 Around it: ``__main__.py`` (the CLI), ``config.py`` (settings), ``app.py`` (wiring and life
 cycle), ``loading.py``/``weights.py``/``models.py``/``labels.py``/``hub.py`` (start-up),
 ``probes.py`` (health, readiness, metrics), ``auth.py`` (API key), ``schemas.py`` (response
