@@ -129,22 +129,7 @@ class Lane:
         if settings.fidelity_profile is not None:
             self._merge_profile(table, settings.fidelity_profile)
         if settings.calibration_budget_s > 0:
-            if model.weights == "random":
-                log.warning("%s: random weights: its fidelity says little about a trained model", self.name)
-            folder = settings.calibration_dir or calibration.SAMPLES_DIR
-            started = time.monotonic()
-            report = calibration.calibrate(
-                table,
-                self.worker.outputs,
-                model,
-                calibration.image_files(folder),
-                batch_size=settings.max_batch_size,
-                budget_s=settings.calibration_budget_s,
-                max_pixels=settings.max_pixels,
-            )
-            seconds = time.monotonic() - started
-            detail = calibration.describe(report, folder, grid, seconds, settings.fidelity_min_samples)
-            log.info("%s: %s", self.name, detail)
+            self._calibrate(table)
         self.fidelity = table
         self._fidelity_metrics.serving(self.name)
         if settings.min_fidelity is not None:
@@ -164,6 +149,25 @@ class Lane:
                 self.busy,
                 self._fidelity_metrics.shadow_runs,
             )
+
+    def _calibrate(self, table: FidelityTable) -> None:
+        settings = self.settings
+        if self.model.weights == "random":
+            log.warning("%s: random weights: its fidelity says little about a trained model", self.name)
+        folder = settings.calibration_dir or calibration.SAMPLES_DIR
+        started = time.monotonic()
+        report = calibration.calibrate(
+            table,
+            self.worker.outputs,
+            self.model,
+            calibration.image_files(folder),
+            batch_size=settings.max_batch_size,
+            budget_s=settings.calibration_budget_s,
+            max_pixels=settings.max_pixels,
+        )
+        seconds = time.monotonic() - started
+        detail = calibration.describe(report, folder, table.rs, seconds, settings.fidelity_min_samples)
+        log.info("%s: %s", self.name, detail)
 
     def _merge_profile(self, table: FidelityTable, path: Path) -> None:
         try:
@@ -225,8 +229,8 @@ class Lane:
                 min_fidelity=min_fidelity,
                 default_floor=settings.min_fidelity,
             )
-            auto = self._apply_floor(auto, kind or self.default_kind)
             want = self._resolve(want)
+            auto = self._apply_floor(auto, kind or self.default_kind)
         except ParamError as exc:
             raise BadRequest(str(exc)) from None
         loop, deadline = asyncio.get_running_loop(), arrived + settings.request_timeout_s
@@ -265,7 +269,7 @@ class Lane:
             self.auto.admit(ahead, waiting)
         except Overloaded as exc:
             floor = items[-1].auto.floor if items[-1].auto is not None else None
-            which = "" if floor is None else f" (the largest r whose fidelity meets the floor {floor:g})"
+            which = "" if floor is None else f" (fidelity floor {floor:g})"
             raise QueueFull(
                 f"r=auto cannot answer {self.name} within {waiting.target_s * 1000:g} ms even at "
                 f"r={waiting.max_r}{which}: {exc}",
