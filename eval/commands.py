@@ -17,7 +17,7 @@ import torch.nn as nn
 import tome
 from tome_runtime import hardware
 
-from . import combine, report, sweep
+from . import combine, profile, report, sweep
 from .cli import DEFAULT_R
 from .data import ImageFiles, LabelSpace, Listing, list_images
 from .errors import EvalInputError
@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.opts is not None and not args.combos:
         raise EvalInputError("--opts needs --combos")
+    if args.profile is not None and (args.combos or listing is None):
+        raise EvalInputError("--profile needs an image folder and the r sweep (not --combos)")
     if args.combos:
         return _run_combos(args, loaded, model, device, r_values, listing, dataset)
     return _run_sweep(args, loaded, model, device, r_values, listing, dataset)
@@ -189,6 +191,16 @@ def _run_sweep(
         else:
             written.append("sweep.png")
     say(f"wrote {', '.join(str(args.out / name) for name in written)}")
+    if args.profile is not None and folder is not None:
+        size = [3, *model.patch_embed.img_size]
+        about = {
+            "weights": loaded.weights,
+            "input_size": size,
+            "images": info["images"],
+            "layout": info["layout"],
+        }
+        profile.write_profile(args.profile, profile.fidelity_table(args.model, r_values, folder, rows), about)
+        say(f"wrote the fidelity profile {args.profile} (tome-serve: TOME_FIDELITY_PROFILE={args.profile})")
     return 0
 
 

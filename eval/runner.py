@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import tome
 import tome_bench.timing
+from tome_serve import fidelity
 
 from .data import Batch, ImageFiles, batches
 from .metrics import Outputs, Tally, cosine
@@ -65,11 +66,19 @@ class PerImage:
     labels: list[int] = field(default_factory=list)
     top1: dict[Hashable, list[int]] = field(default_factory=dict)
     cosine: dict[Hashable, list[float]] = field(default_factory=dict)
+    top5_overlap: dict[Hashable, list[float]] = field(default_factory=dict)
+    """Share of the reference's top-5 classes also in this top-5 (the server's fidelity comparison)."""
 
     def add(self, key: Hashable, out: Outputs, reference: Outputs) -> None:
         if out.top1 is not None:
             self.top1.setdefault(key, []).extend(out.top1.tolist())
         self.cosine.setdefault(key, []).extend(cosine(out.features, reference.features).tolist())
+        if out.logits is not None and reference.logits is not None:
+            compared = fidelity.Comparison.of(
+                fidelity.Outputs(reference.logits, reference.features),
+                fidelity.Outputs(out.logits, out.features),
+            )
+            self.top5_overlap.setdefault(key, []).extend(compared.top5_overlap or [])
 
 
 @dataclass

@@ -306,6 +306,10 @@ class Batcher:
         queue = self._queues.get(key)
         return queue.items if queue else ()
 
+    def pending(self) -> int:
+        """Items queued or on their way, over every queue."""
+        return sum(queue.depth + len(queue.coming) for queue in self._queues.values())
+
     def check_room(self, key: QueueKey, count: int = 1) -> None:
         """Raise now if ``count`` items for ``key`` would be refused, so callers can refuse before
         doing any expensive work."""

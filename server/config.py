@@ -127,6 +127,34 @@ class Settings(BaseSettings):
         "model, weights, dtype, hardware, torch and timm versions and thread plan: a start that finds a "
         "valid one is ready without the warm-up and re-checks it in the background; unset: none kept",
     )
+    calibration_dir: Path | None = Field(
+        None,
+        description="folder of images run at r=0 and at every r of the grid at start-up to measure "
+        "fidelity; unset: the repository's sample photos (server/static/samples)",
+    )
+    calibration_budget_s: float = Field(
+        10.0, ge=0.0, description="start-up budget per model for fidelity calibration (0: none)"
+    )
+    min_fidelity: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="fidelity floor of r=auto: it only chooses an r whose lower bound (top-1 agreement "
+        "with r=0, or embedding cosine) is at least this; unset: no floor",
+    )
+    fidelity_min_samples: int = Field(
+        30, ge=1, description="samples an r needs before it can meet a fidelity floor"
+    )
+    fidelity_profile: Path | None = Field(
+        None, description="fidelity profile written by tome-eval --profile, merged in at start-up"
+    )
+    shadow_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of images served at r > 0 run again at r=0 while the model is idle, to "
+        "measure fidelity on live traffic (dropped, and counted, while busy)",
+    )
     api_key: SecretStr | None = Field(
         None, description="when set, requests need 'Authorization: Bearer <key>' (prefer the variable)"
     )
@@ -172,10 +200,34 @@ class Settings(BaseSettings):
     def _auto_or_integer(cls, value: object) -> object:
         return parse_r_choice(value, "TOME_DEFAULT_R")
 
-    @field_validator("max_r", "api_key", "latency_target_ms", "auto_max_r", "state_dir", mode="before")
+    @field_validator(
+        "max_r",
+        "api_key",
+        "latency_target_ms",
+        "auto_max_r",
+        "state_dir",
+        "calibration_dir",
+        "min_fidelity",
+        "fidelity_profile",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("calibration_dir")
+    @classmethod
+    def _a_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"--calibration-dir / TOME_CALIBRATION_DIR: {value} is not a folder")
+        return value
+
+    @field_validator("fidelity_profile")
+    @classmethod
+    def _a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"--fidelity-profile / TOME_FIDELITY_PROFILE: {value} is not a file")
+        return value
 
     @field_validator("model")
     @classmethod

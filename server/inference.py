@@ -33,6 +33,7 @@ import tome
 from . import pooling
 from .batching import Batch
 from .errors import BatchFailed
+from .fidelity import Outputs
 from .item import Prediction, Result, Want
 from .loading import LoadedModel
 from .metrics import Metrics
@@ -51,6 +52,14 @@ class _Forward:
     """Per pooling asked for, the batch's embeddings (on the CPU)."""
     info: tome.MergeInfo
     seconds: float
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An image of a live batch kept for a shadow run: its pixels and its answers at the batch's r."""
+
+    pixels: torch.Tensor
+    outputs: Outputs
 
 
 class BatchObserver(Protocol):
@@ -129,17 +138,20 @@ class InferenceWorker:
             initargs=(self.torch_threads,),
         )
 
-    async def run(self, batch: Batch, observer: BatchObserver | None = None) -> None:
-        """Compute ``batch`` in an inference thread and resolve each live item's future."""
+    async def run(
+        self, batch: Batch, observer: BatchObserver | None = None, keep: frozenset[int] = frozenset()
+    ) -> list[Kept]:
+        """Compute ``batch`` in an inference thread and resolve each live item's future; return the
+        items at the positions in ``keep`` with their answers (for shadow runs)."""
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._threads, self._compute, batch, observer)
+            results, kept = await loop.run_in_executor(self._threads, self._compute, batch, observer, keep)
         except Exception as exc:  # one failed batch fails its items only; the loop goes on
             log.exception("batch of %d for %s at r=%d failed", len(batch.items), self.model.name, batch.r)
             for item in batch.items:
                 if item.live:
                     item.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
-            return
+            return []
         for item, result in zip(batch.items, results, strict=True):
             if item.live:  # its caller may have given up meanwhile
                 item.future.set_result(result)
@@ -152,18 +164,22 @@ class InferenceWorker:
             first.input_tokens - first.output_tokens,
             batch.key.merge,
         )
+        return kept
 
-    def _compute(self, batch: Batch, observer: BatchObserver | None = None) -> list[Result]:
+    def _compute(
+        self, batch: Batch, observer: BatchObserver | None = None, keep: frozenset[int] = frozenset()
+    ) -> tuple[list[Result], list[Kept]]:
         """Runs in an inference thread."""
         model, items = self.model, batch.items
         top_k = max(item.want.top_k for item in items) if model.num_classes else 0
-        poolings = {item.want.pooling for item in items} - {None}
+        poolings = {item.want.pooling for item in items} - {None} | ({"model"} if keep else set())
         trace = any(item.want.merge_map for item in items) or "patch" in poolings
+        logits = top_k > 0 or bool(keep and model.num_classes)
         if observer is not None:
             observer.started()
         try:
             pixels = [item.pixels for item in items]
-            out = self._forward(batch.r, pixels, trace, top_k > 0, poolings, batch.key.merge)
+            out = self._forward(batch.r, pixels, trace, logits, poolings, batch.key.merge)
         except BaseException:
             if observer is not None:
                 observer.finished(None)
@@ -198,7 +214,12 @@ class InferenceWorker:
                     inference_s=out.seconds,
                 )
             )
-        return results
+        return results, [Kept(items[i].pixels, self._outputs_of(out).row(i)) for i in sorted(keep)]
+
+    @staticmethod
+    def _outputs_of(out: _Forward) -> Outputs:
+        logits = None if out.logits is None else out.logits.float().cpu()
+        return Outputs(logits, out.embeddings["model"])
 
     def _forward(
         self,
@@ -253,6 +274,19 @@ class InferenceWorker:
         warm-up, so it measures with the threads' own torch thread count); blocks until done."""
         pixels = [torch.zeros(self.model.preprocessor.input_size, dtype=torch.uint8)] * batch_size
         return self._threads.submit(self._forward, r, pixels, False).result().seconds
+
+    def outputs(self, r: int, pixels: list[torch.Tensor]) -> Outputs:
+        """The logits and pooled "model" embedding of ``pixels`` at ``r``, computed on an inference
+        thread (fidelity calibration); blocks until done. No metrics: no request asked for it."""
+        return self._threads.submit(self._outputs, r, pixels).result()
+
+    async def outputs_async(self, r: int, pixels: list[torch.Tensor]) -> Outputs:
+        """:meth:`outputs` from the event loop (shadow runs)."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._outputs, r, pixels)
+
+    def _outputs(self, r: int, pixels: list[torch.Tensor]) -> Outputs:
+        out = self._forward(r, pixels, False, bool(self.model.num_classes), {"model"})
+        return self._outputs_of(out)
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)

@@ -1,6 +1,8 @@
 """One served model, one object: its :class:`Lane` holds the loaded model, its inference worker (the
-threads that run its batches), its queues and how their batches are planned and run, and its r=auto
-with the measured timing table and latency target, and its file in the state folder (state.py).
+threads that run its batches), its queues and how their batches are planned and run, its r=auto
+with the measured timing table and latency target, its fidelity table (with calibration and shadow
+runs) from which a fidelity floor becomes a request's auto ceiling, and its file in the state folder
+(state.py).
 
 The service looks a model's lane up by name and leaves everything model-specific to it: checking a
 request against the model (:meth:`Lane.admit`), refusing it while its queue has no room or r=auto
@@ -19,19 +21,23 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
-from . import pooling
+from . import calibration, pooling
 from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
 from .auto.recheck import recheck
 from .batching import Batch, Batcher, BatchPlan, BatchPolicy
 from .config import Settings
 from .errors import BadRequest, QueueFull
-from .inference import ForwardGate, InferenceWorker
+from .fidelity import KINDS, FidelityTable, load_profile
+from .fidelity_metrics import FidelityMetrics
+from .inference import ForwardGate, InferenceWorker, Kept
 from .item import Item, QueueKey, Result, Want
-from .loading import LoadedModel
+from .loading import LoadedModel, StartupError
 from .metrics import Metrics
-from .params import AUTO, ParamError, auto_params, merge_rule, top_k
+from .params import AUTO, AutoParams, ParamError, auto_params, merge_rule, top_k
+from .shadow import Shadow
 from .state import Keeper, LaneState, StateFolder, lane_key
 from .threads import ThreadPlan
 
@@ -50,6 +56,7 @@ class Lane:
         metrics: Metrics,
         auto_metrics: AutoMetrics,
         gate: ForwardGate,
+        fidelity_metrics: FidelityMetrics,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -78,11 +85,23 @@ class Lane:
         self.state: LaneState | None = None
         """This lane's file in TOME_STATE_DIR (None when unset)."""
         self._keeper: Keeper | None = None
+        self._fidelity_metrics = fidelity_metrics
+        self.fidelity: FidelityTable | None = None
+        """Set by :meth:`warm`."""
+        self.shadow: Shadow | None = None
+        """Set by :meth:`warm` when TOME_SHADOW_RATE > 0."""
         self._running, self._last_request = 0, 0.0
+        """Batches handed to the worker and not yet finished (shadow runs wait for none), and when the
+        last one finished (the idle re-check of a saved timing table waits for quiet)."""
 
     @property
     def name(self) -> str:
         return self.model.name
+
+    @property
+    def default_kind(self) -> str:
+        """The fidelity kind of a request that names none: agreement for a classifier, else cosine."""
+        return "agreement" if self.model.num_classes else "cosine"
 
     # -- start-up (on the loading thread) ---------------------------------------------------------
 
@@ -127,6 +146,84 @@ class Lane:
             "" if settings.latency_target_ms is not None else " (derived: 2 full batches at r=0)",
             limits.auto_ceiling,
         )
+        self._warm_fidelity(table.rs)
+
+    def _warm_fidelity(self, grid: tuple[int, ...]) -> None:
+        """The fidelity table on the timing table's r grid: the profile's rows, then calibration."""
+        settings, model = self.settings, self.model
+        table = FidelityTable(self.name, grid, KINDS if model.num_classes else ("cosine",))
+        if settings.fidelity_profile is not None:
+            self._merge_profile(table, settings.fidelity_profile)
+        if settings.calibration_budget_s > 0:
+            self._calibrate(table)
+        self.fidelity = table
+        self._fidelity_metrics.serving(self.name)
+        if settings.min_fidelity is not None:
+            ceilings = {kind: self.fidelity_ceiling(kind, settings.min_fidelity) for kind in table.kinds}
+            log.info(
+                "%s: TOME_MIN_FIDELITY=%g: r=auto chooses r up to %s",
+                self.name,
+                settings.min_fidelity,
+                ceilings,
+            )
+        if settings.shadow_rate > 0:
+            self.shadow = Shadow(
+                self.name,
+                settings.shadow_rate,
+                table,
+                lambda pixels: self.worker.outputs_async(0, pixels),
+                self.busy,
+                self._fidelity_metrics.shadow_runs,
+            )
+
+    def _calibrate(self, table: FidelityTable) -> None:
+        settings = self.settings
+        if self.model.weights == "random":
+            log.warning("%s: random weights: its fidelity says little about a trained model", self.name)
+        folder = settings.calibration_dir or calibration.SAMPLES_DIR
+        started = time.monotonic()
+        report = calibration.calibrate(
+            table,
+            self.worker.outputs,
+            self.model,
+            calibration.image_files(folder),
+            batch_size=settings.max_batch_size,
+            budget_s=settings.calibration_budget_s,
+            max_pixels=settings.max_pixels,
+        )
+        seconds = time.monotonic() - started
+        detail = calibration.describe(report, folder, table.rs, seconds, settings.fidelity_min_samples)
+        log.info("%s: %s", self.name, detail)
+
+    def _merge_profile(self, table: FidelityTable, path: Path) -> None:
+        try:
+            profile = load_profile(path, self.name, table.rs)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        if profile is None:
+            log.warning("%s: TOME_FIDELITY_PROFILE %s has no rows for this model", self.name, path)
+            return
+        weights = profile.about.get("weights")
+        if weights not in (None, self.model.weights):
+            log.warning(
+                "%s: the profile was measured with weights %s, this server uses %s",
+                self.name,
+                weights,
+                self.model.weights,
+            )
+        table.merge(profile, "profile", r_max=self.model.limits.ceiling)
+        log.info("%s: fidelity profile %s merged in (%s)", self.name, path, profile.sources)
+
+    def fidelity_ceiling(self, kind: str, floor: float) -> int:
+        """The largest grid r such that every grid r up to it meets ``floor`` for ``kind`` (0 before
+        the table exists): the auto ceiling a floor allows."""
+        if self.fidelity is None:
+            return 0
+        return self.fidelity.ceiling(kind, floor, self.settings.fidelity_min_samples)
+
+    def busy(self) -> bool:
+        """Live work is queued, on its way (decoding) or running."""
+        return self._running > 0 or self.batcher.pending() > 0
 
     def _saved_table(self, like: TimingTable) -> TimingTable | None:
         """The state file's timing table, if it has one on the grid of ``like``."""
@@ -183,10 +280,12 @@ class Lane:
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
         merge: str | None = None,
+        min_fidelity: float | str | None = None,
+        kind: str | None = None,
     ) -> list[Item]:
         """The request as one :class:`Item` per image (``count`` of them, their images still to come),
         its parameters checked against this model: :class:`BadRequest` (422) saying what is allowed
-        otherwise."""
+        otherwise. ``kind`` is the fidelity kind its floor is in (None: :attr:`default_kind`)."""
         model, settings = self.model, self.settings
         try:
             chosen = model.limits.r(r)
@@ -197,9 +296,12 @@ class Lane:
                 model.limits,
                 default_target_ms=self.target_ms,
                 timeout_ms=settings.request_timeout_ms,
+                min_fidelity=min_fidelity,
+                default_floor=settings.min_fidelity,
             )
             want = self._resolve(want)
             rule = merge_rule(merge, settings.default_merge)
+            auto = self._apply_floor(auto, kind or self.default_kind)
         except ParamError as exc:
             raise BadRequest(str(exc)) from None
         loop, deadline = asyncio.get_running_loop(), arrived + settings.request_timeout_s
@@ -207,6 +309,14 @@ class Lane:
             Item(model.name, chosen, None, want, arrived, deadline, loop.create_future(), auto, rule)
             for _ in range(count)
         ]
+
+    def _apply_floor(self, auto: AutoParams | None, kind: str) -> AutoParams | None:
+        """The request's auto ceiling lowered to the largest r whose fidelity meets its floor."""
+        if auto is None or auto.floor is None:
+            return auto
+        if kind not in KINDS or (kind == "agreement" and not self.model.num_classes):
+            raise ParamError(f"{self.name} has no fidelity of kind {kind!r}")
+        return dataclasses.replace(auto, max_r=min(auto.max_r, self.fidelity_ceiling(kind, auto.floor)))
 
     def _resolve(self, want: Want) -> Want:
         if want.pooling is not None and (why := pooling.unavailable(self.model.module, want.pooling)):
@@ -234,9 +344,11 @@ class Lane:
         try:
             self.auto.admit(ahead, waiting)
         except Overloaded as exc:
+            floor = items[-1].auto.floor if items[-1].auto is not None else None
+            which = "" if floor is None else f" (fidelity floor {floor:g})"
             raise QueueFull(
                 f"r=auto cannot answer {self.name} within {waiting.target_s * 1000:g} ms even at "
-                f"r={waiting.max_r}: {exc}",
+                f"r={waiting.max_r}{which}: {exc}",
                 exc.retry_after_s,
             ) from None
 
@@ -287,17 +399,24 @@ class Lane:
         return [w for w in waiting if w is not None]
 
     async def _run_batch(self, batch: Batch) -> None:
-        if self.auto is None:  # only while warming up
-            await self.worker.run(batch)
-            return
-        ticket = self.auto.handed(batch.r, len(batch.items), batch.key.merge)
+        keep = self.shadow.pick(batch.r, len(batch.items)) if self.shadow is not None else frozenset()
         self._running += 1
         try:
-            await self.worker.run(batch, ticket)
+            kept = await self._run_on_worker(batch, keep)
         finally:
-            ticket.finished(None)  # no-op unless the batch never reached the model
             self._running -= 1
             self._last_request = time.monotonic()
+        if self.shadow is not None:
+            self.shadow.offer(batch.r, kept)
+
+    async def _run_on_worker(self, batch: Batch, keep: frozenset[int]) -> list[Kept]:
+        if self.auto is None:  # only while warming up
+            return await self.worker.run(batch, keep=keep)
+        ticket = self.auto.handed(batch.r, len(batch.items), batch.key.merge)
+        try:
+            return await self.worker.run(batch, ticket, keep)
+        finally:
+            ticket.finished(None)  # no-op unless the batch never reached the model
 
     # -- shutting down ----------------------------------------------------------------------------
 
@@ -305,4 +424,6 @@ class Lane:
         await self.batcher.drain()
         if self._keeper is not None:  # before the worker closes: a re-check batch may be running
             await asyncio.to_thread(self._keeper.stop)
+        if self.shadow is not None:
+            await self.shadow.close()
         self.worker.close()

@@ -13,6 +13,9 @@ The words for r, used the same way in code, settings, ``/models`` and the README
   choose for the model: ``TOME_AUTO_MAX_R``, at most the ceiling.
 - **a request's auto ceiling** (query ``max_r``; ``AutoParams.max_r``): the largest r one auto request
   accepts; above the auto ceiling it is capped to it (the operator's limit wins).
+- **fidelity floor** (``TOME_MIN_FIDELITY``, query ``min_fidelity``; ``AutoParams.floor``): the lowest
+  fidelity lower bound (fidelity.py) an auto request accepts; the higher of the two applies (the
+  operator's floor wins). The lane turns it into the request's auto ceiling.
 
 Nothing here knows about HTTP: :class:`ParamError`'s message is the 422's detail and says what is
 allowed.
@@ -110,7 +113,10 @@ class AutoParams:
     target_s: float
     """Its latency target."""
     max_r: int
-    """Its auto ceiling, already capped at the model's auto ceiling."""
+    """Its auto ceiling, already capped at the model's auto ceiling (and, once the lane applied it, at
+    the largest r that meets ``floor``)."""
+    floor: float | None = None
+    """Its fidelity floor: the larger of TOME_MIN_FIDELITY and its ``min_fidelity``; None: none."""
 
 
 def auto_params(
@@ -121,14 +127,19 @@ def auto_params(
     *,
     default_target_ms: float,
     timeout_ms: float,
+    min_fidelity: float | str | None = None,
+    default_floor: float | None = None,
 ) -> AutoParams | None:
-    """Check ``target_ms`` and ``max_r`` (numbers, or their query text) and return an auto request's
-    parameters, or None for a fixed r, which takes neither: naming one with a fixed r is refused, not
-    silently ignored."""
+    """Check ``target_ms``, ``max_r`` and ``min_fidelity`` (numbers, or their query text) and return an
+    auto request's parameters, or None for a fixed r, which takes none of them: naming one with a fixed
+    r is refused, not silently ignored."""
     if r != AUTO:
-        if target_ms is not None or max_r is not None:
-            raise ParamError(f"target_ms and max_r apply to r=auto only; this request asks for r={r}")
+        if target_ms is not None or max_r is not None or min_fidelity is not None:
+            raise ParamError(
+                f"target_ms, max_r and min_fidelity apply to r=auto only; this request asks for r={r}"
+            )
         return None
+    floor = fidelity_floor(min_fidelity, default_floor)
     target = default_target_ms if target_ms is None else _number(target_ms)
     if not (math.isfinite(target) and 0 < target <= timeout_ms):
         raise ParamError(
@@ -136,11 +147,25 @@ def auto_params(
             f"TOME_REQUEST_TIMEOUT_MS), got {target_ms!r}"
         )
     if max_r is None:
-        return AutoParams(target / 1000.0, limits.auto_ceiling)
+        return AutoParams(target / 1000.0, limits.auto_ceiling, floor)
     ceiling = _integer(max_r, limits.ceiling)
     if ceiling is None:
         raise ParamError(f"max_r must be an integer from 0 to {limits.ceiling} for this model, got {max_r!r}")
-    return AutoParams(target / 1000.0, min(ceiling, limits.auto_ceiling))
+    return AutoParams(target / 1000.0, min(ceiling, limits.auto_ceiling), floor)
+
+
+def fidelity_floor(min_fidelity: float | str | None, default: float | None) -> float | None:
+    """A request's fidelity floor: its ``min_fidelity`` (0 to 1) or ``default`` (TOME_MIN_FIDELITY),
+    whichever is higher; None when neither is set."""
+    if min_fidelity is None:
+        return default
+    floor = _number(min_fidelity)
+    if not 0 <= floor <= 1:  # NaN fails too
+        raise ParamError(
+            "min_fidelity must be a number from 0 to 1 (the lowest lower bound of top-1 agreement, or of "
+            f"embedding cosine, with r=0 that this request accepts), got {min_fidelity!r}"
+        )
+    return floor if default is None else max(floor, default)
 
 
 def merge_rule(value: str | None, default: str) -> str:

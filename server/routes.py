@@ -8,6 +8,7 @@ into the answer. Errors are exceptions (errors.py) that the app's exception hand
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from typing import Annotated
 from urllib.parse import quote
@@ -15,10 +16,12 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from . import fidelity
 from .errors import ServeError
 from .item import Result, Want
 from .lane import Lane
 from .schemas import (
+    AccuracyDrop,
     AutoInfo,
     ClassifyResponse,
     Embedding,
@@ -27,6 +30,9 @@ from .schemas import (
     EmbeddingTokens,
     EmbeddingUsage,
     ErrorResponse,
+    FidelityEstimate,
+    FidelityInfo,
+    FidelityRow,
     ItemError,
     MeasuredTiming,
     ModelInfo,
@@ -56,6 +62,14 @@ TargetQuery = Annotated[
 MaxRQuery = Annotated[
     str | None,
     Query(description="r=auto only: the largest r this request accepts (default TOME_AUTO_MAX_R)"),
+]
+MinFidelityQuery = Annotated[
+    str | None,
+    Query(
+        description="r=auto only: the fidelity floor, 0 to 1: only an r whose measured lower bound of top-1 "
+        "agreement with r=0 (of embedding cosine for a model without classifier) is at least this "
+        "(default TOME_MIN_FIDELITY; a lower value does not lower it)"
+    ),
 ]
 TopKQuery = Annotated[
     str | None, Query(description="How many predictions to return, 1 to the model's classes (default 5)")
@@ -92,7 +106,7 @@ _ERRORS = {
         404: "Unknown model",
         413: "Upload or image too large",
         415: "Not an image",
-        422: "Bad image, r, target_ms, max_r or top_k",
+        422: "Bad image, r, target_ms, max_r, min_fidelity or top_k",
         429: "Queue full, or r=auto cannot meet the target even at max_r (see Retry-After)",
         500: "The batch holding this request failed",
         503: "Loading or shutting down",
@@ -118,13 +132,23 @@ async def classify(
     target_ms: TargetQuery = None,
     max_r: MaxRQuery = None,
     merge: MergeQuery = None,
+    min_fidelity: MinFidelityQuery = None,
 ) -> ClassifyResponse:
     """Classify an image with the ToMe-patched model at the given r (or r=auto)."""
     arrived = time.monotonic()
     upload = HttpUpload(request, service.settings.max_upload_bytes)
     want = Want(top_k=top_k)
     result = await service.infer(
-        model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r, merge=merge
+        model,
+        r,
+        upload,
+        want,
+        arrived,
+        target_ms=target_ms,
+        max_r=max_r,
+        merge=merge,
+        min_fidelity=min_fidelity,
+        kind="agreement",
     )
     return ClassifyResponse(
         model=result.model,
@@ -137,6 +161,7 @@ async def classify(
         tokens=Tokens(input=result.input_tokens, output=result.output_tokens, per_layer=result.token_counts),
         batch_size=result.batch_size,
         timing_ms=_timing(result, arrived),
+        fidelity=_estimate(service, result, "agreement"),
         request_id=request.state.request_id,
     )
 
@@ -155,17 +180,28 @@ async def visualize(
     target_ms: TargetQuery = None,
     max_r: MaxRQuery = None,
     merge: MergeQuery = None,
+    min_fidelity: MinFidelityQuery = None,
 ) -> Response:
     """Draw which patches merged into which token at the given r or r=auto (PNG, the model's input
-    size); X-Tome-R says the r used, X-Tome-R-Auto whether the server chose it."""
+    size); X-Tome-R says the r used, X-Tome-R-Auto whether the server chose it, X-Tome-Fidelity the
+    fidelity of that r (agreement for a classifier, else cosine)."""
     arrived = time.monotonic()
     upload = HttpUpload(request, service.settings.max_upload_bytes)
     want = Want(merge_map=True)
     result = await service.infer(
-        model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r, merge=merge
+        model,
+        r,
+        upload,
+        want,
+        arrived,
+        target_ms=target_ms,
+        max_r=max_r,
+        merge=merge,
+        min_fidelity=min_fidelity,
     )
     timing = _timing(result, arrived)
     auto = result.target_s is not None
+    estimate = _estimate(service, result, service.lanes[result.model].default_kind)
     headers = {
         "X-Tome-Model": result.model,
         "X-Tome-Weights": quote(result.weights, safe="/:()+,._- "),
@@ -176,6 +212,7 @@ async def visualize(
         "X-Tome-Tokens-Input": str(result.input_tokens),
         "X-Tome-Tokens-Output": str(result.output_tokens),
         "X-Tome-Batch-Size": str(result.batch_size),
+        "X-Tome-Fidelity": _fidelity_header(estimate),
         "Server-Timing": f"queue;dur={timing.queue:.2f}, inference;dur={timing.inference:.2f}",
     }
     return Response(result.merge_map_png, media_type="image/png", headers=headers)
@@ -221,6 +258,8 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
         target_ms=params.target_ms,
         max_r=params.max_r,
         merge=params.merge,
+        min_fidelity=params.min_fidelity,
+        kind="cosine",
         each_on_its_own=skip,
     )
     failed = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, ServeError)]
@@ -230,7 +269,7 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
     results = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, Result)]
     first = results[0][1]
     return EmbeddingsResponse(
-        data=[_embedding(i, result, params.encoding_format) for i, result in results],
+        data=[_embedding(i, result, params.encoding_format, service) for i, result in results],
         model=first.model,
         weights=first.weights,
         pooling=params.pooling,
@@ -244,7 +283,7 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
     )
 
 
-def _embedding(index: int, result: Result, encoding: str) -> Embedding:
+def _embedding(index: int, result: Result, encoding: str, service: InferenceService) -> Embedding:
     vector = result.embedding
     assert vector is not None
     if encoding == "base64":  # what OpenAI's clients decode: little-endian float32
@@ -259,6 +298,7 @@ def _embedding(index: int, result: Result, encoding: str) -> Embedding:
         merge=result.merge,
         r_auto=result.target_s is not None,
         tokens=EmbeddingTokens(input=result.input_tokens, output=result.output_tokens),
+        fidelity=_estimate(service, result, "cosine"),
     )
 
 
@@ -300,6 +340,7 @@ def _model_info(lane: Lane, default: bool, service: InferenceService) -> ModelIn
             for c in model.costs
         ],
         auto=_auto_info(lane),
+        fidelity=_fidelity_info(lane),
     )
 
 
@@ -313,6 +354,55 @@ def _auto_info(lane: Lane) -> AutoInfo | None:
         timings=[MeasuredTiming(**row) for row in lane.auto.table.describe(gmacs)],
         timings_source=lane.timings_source,
     )
+
+
+def _fidelity_info(lane: Lane) -> FidelityInfo | None:
+    table, floor = lane.fidelity, lane.settings.min_fidelity
+    if table is None:
+        return None
+    ceilings = None if floor is None else {kind: lane.fidelity_ceiling(kind, floor) for kind in table.kinds}
+    return FidelityInfo(
+        floor=floor,
+        min_samples=lane.settings.fidelity_min_samples,
+        bounds=fidelity.BOUNDS,
+        sources=table.sources,
+        max_r_at_floor=ceilings,
+        shadow_rate=lane.settings.shadow_rate,
+        rows=[_fidelity_row(lane, entry, floor) for entry in table.rows()],
+    )
+
+
+def _fidelity_row(lane: Lane, entry: fidelity.FidelityRow, floor: float | None) -> FidelityRow:
+    drop = entry.accuracy_drop
+    meets = None
+    if floor is not None and lane.fidelity is not None:
+        meets = lane.fidelity.meets(entry.r, entry.kind, floor, lane.settings.fidelity_min_samples)
+    return FidelityRow(
+        r=entry.r,
+        kind=entry.kind,
+        samples=entry.samples,
+        mean=entry.mean,
+        lower=entry.lower,
+        top5_overlap=entry.top5_overlap,
+        accuracy_drop=None if drop is None else AccuracyDrop(**dataclasses.asdict(drop)),
+        meets_floor=meets,
+    )
+
+
+def _estimate(service: InferenceService, result: Result, kind: str) -> FidelityEstimate | None:
+    """The fidelity of the r ``result`` was computed at; None while unmeasured."""
+    table = service.lanes[result.model].fidelity
+    row = None if table is None else table.estimate(result.r, kind)
+    if row is None or row.mean is None or row.lower is None:
+        return None
+    return FidelityEstimate(r=row.r, kind=row.kind, samples=row.samples, mean=row.mean, lower=row.lower)
+
+
+def _fidelity_header(estimate: FidelityEstimate | None) -> str:
+    if estimate is None:
+        return "unmeasured"
+    bounds = f"mean={estimate.mean:.4f}; lower={estimate.lower:.4f}"
+    return f"kind={estimate.kind}; {bounds}; samples={estimate.samples}"
 
 
 def _timing(result: Result, arrived: float) -> Timing:

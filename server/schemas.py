@@ -25,6 +25,18 @@ class Timing(BaseModel):
     total: float = Field(description="Milliseconds from the request's arrival to the response")
 
 
+class FidelityEstimate(BaseModel):
+    """How closely answers at this r match answers at r=0 on the same images (docs/fidelity.md)."""
+
+    r: int
+    kind: Literal["agreement", "cosine"] = Field(
+        description="agreement: top-1 agreement with r=0; cosine: cosine of the pooled embedding with r=0"
+    )
+    samples: int = Field(description="Images compared (0 for r=0, the reference itself)")
+    mean: float
+    lower: float = Field(description="One-sided 95% lower bound of the mean (Wilson for agreement)")
+
+
 class ClassifyResponse(BaseModel):
     model: str
     weights: str = Field(description="Where the weights came from: 'pretrained', 'random' or a file path")
@@ -39,6 +51,10 @@ class ClassifyResponse(BaseModel):
     tokens: Tokens
     batch_size: int = Field(description="Images in the batch this request was computed in")
     timing_ms: Timing
+    fidelity: FidelityEstimate | None = Field(
+        None,
+        description="Fidelity of the r this answer was computed at (top-1 agreement); null while unmeasured",
+    )
     request_id: str
 
 
@@ -75,6 +91,41 @@ class AutoInfo(BaseModel):
     )
 
 
+class AccuracyDrop(BaseModel):
+    labelled: int = Field(description="Labelled images of the profile")
+    top1: float = Field(description="Top-1 accuracy at r=0 minus at r (0.012 = 1.2 points)")
+    top5: float | None = None
+
+
+class FidelityRow(BaseModel):
+    r: int
+    kind: Literal["agreement", "cosine"]
+    samples: int
+    mean: float | None = Field(description="null while unmeasured")
+    lower: float | None = Field(description="One-sided 95% lower bound of the mean; null while unmeasured")
+    top5_overlap: float | None = Field(
+        None, description="agreement rows: mean share of the r=0 top-5 classes also in the top-5 at r"
+    )
+    accuracy_drop: AccuracyDrop | None = Field(None, description="From a labelled tome-eval profile")
+    meets_floor: bool | None = Field(
+        None, description="Whether r=auto may choose this r under TOME_MIN_FIDELITY; null without a floor"
+    )
+
+
+class FidelityInfo(BaseModel):
+    floor: float | None = Field(description="TOME_MIN_FIDELITY, in each request's own kind; null: none")
+    min_samples: int = Field(description="Samples an r needs to meet a floor (TOME_FIDELITY_MIN_SAMPLES)")
+    bounds: dict[str, str] = Field(description="How each kind's lower bound is computed")
+    sources: dict[str, int] = Field(
+        description="Comparisons with r=0 per source (calibration, profile, shadow); an image at n r counts n"
+    )
+    max_r_at_floor: dict[str, int] | None = Field(
+        description="Per kind, the largest r r=auto may choose under TOME_MIN_FIDELITY; null without a floor"
+    )
+    shadow_rate: float = Field(description="TOME_SHADOW_RATE: share of r > 0 images re-run at r=0 when idle")
+    rows: list[FidelityRow]
+
+
 class ModelInfo(BaseModel):
     name: str
     default: bool = Field(description="Used when a request names no model")
@@ -103,6 +154,9 @@ class ModelInfo(BaseModel):
     notes: list[str]
     costs: list[RCostInfo] = Field(description="Analytical cost (GMACs) of every r from r_min to r_max")
     auto: AutoInfo | None = Field(None, description="r=auto: its target, auto ceiling and measured timings")
+    fidelity: FidelityInfo | None = Field(
+        None, description="Measured fidelity of every r against r=0, and the floor r=auto keeps"
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -153,6 +207,9 @@ class EmbeddingsRequest(BaseModel):
     target_ms: float | None = Field(None, description="r=auto only: latency target in ms")
     max_r: int | None = Field(None, description="r=auto only: the largest r this request accepts")
     merge: str | None = Field(None, description="'tome' or 'mlerp' (default TOME_DEFAULT_MERGE)")
+    min_fidelity: float | None = Field(
+        None, description="r=auto only: the lowest cosine with r=0 (lower bound) this request accepts"
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail",
         description="'fail': a bad image makes the request a 4xx naming its index; 'skip': the answer holds "
@@ -178,6 +235,11 @@ class Embedding(BaseModel):
     merge: str = Field(description="The merge rule it was computed with")
     r_auto: bool = Field(description="True when the server chose r (r=auto)")
     tokens: EmbeddingTokens
+    fidelity: FidelityEstimate | None = Field(
+        None,
+        description="Fidelity of the r this image was computed at (cosine of the model's pooled embedding "
+        "with r=0); null while unmeasured",
+    )
 
 
 class EmbeddingUsage(BaseModel):

@@ -32,6 +32,7 @@ import torch
 from .auto import AutoMetrics
 from .config import Settings
 from .errors import BadRequest, ClientGone, DeadlineExceeded, QueueFull, ServeError, Unavailable, UnknownModel
+from .fidelity_metrics import FidelityMetrics
 from .images import decode_image
 from .inference import ForwardGate
 from .item import Item, Result, Want
@@ -117,6 +118,11 @@ class InferenceService:
             lambda: [lane.auto.table for lane in self.lanes.values() if lane.auto is not None],
             self.threads.instances,
         )
+        self.fidelity_metrics = FidelityMetrics(
+            metrics.registry,
+            lambda: [lane.fidelity for lane in self.lanes.values() if lane.fidelity is not None],
+            settings.min_fidelity,
+        )
         self._decode_pool = ThreadPoolExecutor(self.threads.preprocess_threads, thread_name_prefix="decode")
         self._gate = ForwardGate(hold=self.threads.decode_between_batches)
 
@@ -133,10 +139,21 @@ class InferenceService:
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
         merge: str | None = None,
+        min_fidelity: float | str | None = None,
+        kind: str | None = None,
     ) -> Result:
         """The result for a request of one image; raises its errors.ServeError (or ClientGone)."""
         (answer,) = await self.infer_all(
-            model, r, upload, want, arrived, target_ms=target_ms, max_r=max_r, merge=merge
+            model,
+            r,
+            upload,
+            want,
+            arrived,
+            target_ms=target_ms,
+            max_r=max_r,
+            merge=merge,
+            min_fidelity=min_fidelity,
+            kind=kind,
         )
         if isinstance(answer, BaseException):
             raise answer
@@ -153,11 +170,14 @@ class InferenceService:
         target_ms: float | str | None = None,
         max_r: int | str | None = None,
         merge: str | None = None,
+        min_fidelity: float | str | None = None,
+        kind: str | None = None,
         each_on_its_own: bool = False,
     ) -> list[Result | ServeError]:
         """The request path (see the module docstring): a result per image of ``upload``, in order.
-        ``r`` is an integer, "auto", its query text, or None (the model's default r); ``target_ms``
-        and ``max_r`` apply to r=auto only; ``merge`` is the merge rule (None: TOME_DEFAULT_MERGE).
+        ``r`` is an integer, "auto", its query text, or None (the model's default r); ``target_ms``,
+        ``max_r`` and ``min_fidelity`` (a floor of fidelity ``kind``, fidelity.py) apply to r=auto only;
+        ``merge`` is the merge rule (None: TOME_DEFAULT_MERGE).
         ``upload`` as bytes is one image that has arrived already: such a request is still taken while
         draining.
 
@@ -174,7 +194,17 @@ class InferenceService:
         if upload.count > self.settings.max_queue:
             queue = self.settings.max_queue
             raise BadRequest(f"{upload.count} images are more than a queue holds (TOME_MAX_QUEUE={queue})")
-        items = lane.admit(r, want, arrived, upload.count, target_ms=target_ms, max_r=max_r, merge=merge)
+        items = lane.admit(
+            r,
+            want,
+            arrived,
+            upload.count,
+            target_ms=target_ms,
+            max_r=max_r,
+            merge=merge,
+            min_fidelity=min_fidelity,
+            kind=kind,
+        )
         upload.admitted(lane.name, items[0].r)
         try:
             lane.check_room(items)
@@ -316,7 +346,15 @@ class InferenceService:
         for name in self.settings.model_names:
             log.info("loading %s (weights: %s)", name, self.settings.weights)
             model = self._loader(name, self.settings)
-            lane = Lane(model, self.settings, self.threads, self.metrics, self.auto_metrics, self._gate)
+            lane = Lane(
+                model,
+                self.settings,
+                self.threads,
+                self.metrics,
+                self.auto_metrics,
+                self._gate,
+                self.fidelity_metrics,
+            )
             lane.warm()
             lanes[name] = lane
         return lanes

@@ -63,16 +63,16 @@ def base_names(expr: str) -> set[str]:
 
 
 def test_queries_use_contract_metrics_and_are_split_by_r():
-    from test_deploy_prometheus import AUTO_METRICS, CONTRACT_METRICS
+    from test_deploy_prometheus import AUTO_METRICS, CONTRACT_METRICS, FIDELITY_METRICS
 
     for title, expr in queries():
         names = base_names(expr)
         assert names, f"{title}: {expr} reads no tome metric"
-        assert names <= CONTRACT_METRICS | AUTO_METRICS, f"{title}: {names}"
+        assert names <= CONTRACT_METRICS | AUTO_METRICS | FIDELITY_METRICS, f"{title}: {names}"
         if names == {"tome_model_info"}:
             continue  # the model table: tome_model_info has no r label
-        if names <= AUTO_METRICS:
-            continue  # r=auto: r is the value, not a label (checked below)
+        if names <= AUTO_METRICS or names <= FIDELITY_METRICS:
+            continue  # r=auto: r is the value, not a label; fidelity: checked below
         for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
             assert "r" in [label.strip() for label in grouping.split(",")], f"{title}: {expr} not split by r"
         if "histogram_quantile" in expr:
@@ -119,3 +119,22 @@ def test_every_query_parses_as_promql(tmp_path, promtool):
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_fidelity_panels_show_bounds_samples_floor_and_shadow_runs_split_by_r_and_kind():
+    from test_deploy_prometheus import FIDELITY_METRICS
+
+    fidelity = [(title, expr) for title, expr in queries() if base_names(expr) <= FIDELITY_METRICS]
+    titles = " | ".join(title.lower() for title, _ in fidelity)
+    for needed in ("lower bound", "samples", "floor", "shadow runs"):
+        assert needed in titles, f"no fidelity panel for {needed}: {titles}"
+    assert set().union(*(base_names(expr) for _, expr in fidelity)) == FIDELITY_METRICS
+    for title, expr in fidelity:
+        (grouping,) = re.findall(r"\bby \(([^)]*)\)", expr)
+        labels = {label.strip() for label in grouping.split(",")}
+        if base_names(expr) <= {"tome_fidelity", "tome_fidelity_samples"}:
+            assert {"r", "kind"} <= labels, f"{title}: {expr} mixes r or kinds"
+        elif "tome_fidelity_floor" in expr:
+            assert labels == {"kind"}, f"{title}: {expr}"
+        else:
+            assert labels == {"outcome"}, f"{title}: {expr}"

@@ -309,7 +309,7 @@ def test_oversized_uploads_are_refused(client: httpx.Client) -> None:
         (
             {"r": 8, "target_ms": 100},
             422,
-            "target_ms and max_r apply to r=auto only; this request asks for r=8",
+            "target_ms, max_r and min_fidelity apply to r=auto only; this request asks for r=8",
         ),
         ({"r": 8, "max_r": 4}, 422, "apply to r=auto only"),
         ({"top_k": 0}, 422, "top_k must be an integer from 1 to 1000 for this model, got '0'"),

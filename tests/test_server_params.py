@@ -6,7 +6,16 @@ import math
 
 import pytest
 
-from tome_serve.params import AUTO, AutoParams, ParamError, RLimits, auto_params, parse_r_choice, top_k
+from tome_serve.params import (
+    AUTO,
+    AutoParams,
+    ParamError,
+    RLimits,
+    auto_params,
+    fidelity_floor,
+    parse_r_choice,
+    top_k,
+)
 
 LIMITS = RLimits(useful=24, ceiling=24, auto_ceiling=16, default=AUTO)
 DEFAULTS = dict(default_target_ms=1000.0, timeout_ms=10_000.0)
@@ -75,6 +84,18 @@ def test_fixed_r_takes_no_target_or_auto_ceiling():
         auto_params(8, 500.0, None, LIMITS, **DEFAULTS)
     with pytest.raises(ParamError, match="apply to r=auto only"):
         auto_params(8, None, 4, LIMITS, **DEFAULTS)
+
+
+def test_a_fidelity_floor_is_a_number_from_0_to_1_and_the_server_floor_wins():
+    assert auto_params(AUTO, None, None, LIMITS, **DEFAULTS).floor is None
+    assert auto_params(AUTO, None, None, LIMITS, **DEFAULTS, min_fidelity="0.9").floor == 0.9
+    assert auto_params(AUTO, None, None, LIMITS, **DEFAULTS, default_floor=0.95).floor == 0.95
+    assert fidelity_floor("0.9", 0.95) == 0.95 and fidelity_floor(" 0.99 ", 0.95) == 0.99
+    for bad in ("1.01", "-0.5", "nan", "high", ""):
+        with pytest.raises(ParamError, match="min_fidelity must be a number from 0 to 1"):
+            fidelity_floor(bad, None)
+    with pytest.raises(ParamError, match="apply to r=auto only"):
+        auto_params(8, None, None, LIMITS, **DEFAULTS, min_fidelity="0.9")
 
 
 def test_top_k_defaults_to_five_within_the_classes_and_says_what_is_allowed():

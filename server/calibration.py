@@ -1,0 +1,130 @@
+"""Start-up calibration: a folder of images, run at r=0 and at every r of the grid, fills a model's
+fidelity table before the first request (``fidelity.py``).
+
+The images are TOME_CALIBRATION_DIR's, or the repository's sample photos (server/static/samples), each
+decoded and preprocessed exactly as an upload is (``images.py``). They are run in batches: each batch
+at r=0 (the reference) and then at every grid r in ascending order, so when the budget
+(TOME_CALIBRATION_BUDGET_S) runs out the small r, which a floor reaches first, have the most samples.
+
+Four sample photos give four samples per r: bounds that loose never meet a useful floor, and an r needs
+TOME_FIDELITY_MIN_SAMPLES samples anyway. Bring a folder of images like the traffic, a profile from
+tome-eval, or shadow runs (``shadow.py``), for a floor that means something.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ImageError
+from .fidelity import Comparison, FidelityTable, Outputs, wilson_lower
+from .images import decode_image
+from .loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "static" / "samples"
+"""The default calibration folder: the demo page's sample photos."""
+SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+Runner = Callable[[int, list[torch.Tensor]], Outputs]
+"""Runs a batch of preprocessed images at r on an inference thread (``InferenceWorker.outputs``)."""
+
+
+@dataclass
+class CalibrationReport:
+    images: int = 0
+    """Images run at r=0 and at one r or more."""
+    unreadable: list[str] = field(default_factory=list)
+    runs: int = 0
+    """Batches run (r=0 included)."""
+    complete: bool = True
+    """Every image ran at every grid r within the budget."""
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` and below it, by name."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+
+
+def calibrate(
+    table: FidelityTable,
+    run: Runner,
+    model: LoadedModel,
+    files: Sequence[Path],
+    *,
+    batch_size: int,
+    budget_s: float,
+    max_pixels: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> CalibrationReport:
+    """Fill ``table`` from ``files`` within ``budget_s`` seconds (see the module docstring)."""
+    report = CalibrationReport()
+    deadline = clock() + budget_s
+    slowest = 0.0  # the longest batch so far: a batch that would overrun the budget is not started
+    rs = [r for r in table.rs if r > 0]
+    for pixels in _batches(files, model, max_pixels, batch_size, report):
+        reference = None
+        for r in [0, *rs]:
+            if clock() + slowest > deadline:
+                report.complete = False
+                return report
+            started = clock()
+            outputs = run(r, pixels)
+            slowest = max(slowest, clock() - started)
+            report.runs += 1
+            if reference is None:
+                reference = outputs
+                report.images += len(pixels)
+            else:
+                table.add(r, Comparison.of(reference, outputs), "calibration")
+    return report
+
+
+def _batches(
+    files: Sequence[Path], model: LoadedModel, max_pixels: int, batch_size: int, report: CalibrationReport
+) -> Iterator[list[torch.Tensor]]:
+    """Preprocessed images, ``batch_size`` at a time, decoded only when needed; files that do not
+    decode are counted in ``report`` and skipped."""
+    batch: list[torch.Tensor] = []
+    for path in files:
+        try:
+            image = decode_image(path.read_bytes(), max_pixels, model.preprocessor.resize_short_side)
+            batch.append(model.preprocessor(image))
+        except (OSError, ImageError) as exc:
+            report.unreadable.append(f"{path.name} ({exc})")
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def describe(
+    report: CalibrationReport, folder: Path, grid: Sequence[int], seconds: float, min_samples: int
+) -> str:
+    """One log line: what was measured, and how loose so few images leave the bounds."""
+    where = "the sample photos" if folder == SAMPLES_DIR else str(folder)
+    text = (
+        f"fidelity calibration: {report.images} image(s) from {where} at r=0 and r in "
+        f"{list(grid[1:])} in {seconds:.1f} s"
+    )
+    if not report.complete:
+        text += " (budget TOME_CALIBRATION_BUDGET_S reached: the larger r have fewer samples or none)"
+    if report.images and report.images < min_samples:
+        text += (
+            f"; fewer than TOME_FIDELITY_MIN_SAMPLES={min_samples} images: no r > 0 meets a fidelity floor "
+            "until a profile or shadow runs add samples"
+        )
+    elif report.images:
+        best = wilson_lower(report.images, report.images)
+        text += f"; even full agreement on {report.images} images bounds agreement at {best:.3f} or less"
+    if report.unreadable:
+        text += f"; skipped {len(report.unreadable)} unreadable: {', '.join(report.unreadable[:3])}"
+    return text
