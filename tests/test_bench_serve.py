@@ -1,6 +1,7 @@
 """The server benchmark's /v1/embeddings mode (``--endpoint embeddings``): OpenAI's JSON request reaches
 the real server's embeddings endpoint in the encoding asked for, and the run reports throughput against
-the direct model, every answer's r, and its verdict (timings are not asserted)."""
+the direct model, every answer's r, and its verdict; ``tome_bench.embed_pairs`` measures every variant in
+every round (timings are not asserted)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from serverutil import TINY_MODEL_KWARGS, metric_value
 from tiny import NAME
 
@@ -73,3 +75,33 @@ def test_a_short_run_against_a_real_server_counts_embeddings_requests(
 
     assert served("embeddings") >= saturation["answered"] and served("classify") == 0
     assert out.with_suffix(".csv").read_text().startswith("phase,throughput_ips")
+
+
+def test_interleaved_pairs_measure_each_variant_every_round(tiny_server: str, tmp_path: Path) -> None:
+    from tome_bench.embed_pairs import RATIOS, SERVED
+    from tome_bench.embed_pairs import main as pairs
+
+    before = httpx.get(f"{tiny_server}/metrics").text
+    out = tmp_path / "pairs.json"
+    argv = ["--url", tiny_server, "--model", NAME, "--model-kwargs", json.dumps(TINY_MODEL_KWARGS)]
+    argv += ["--dtype", "float32", "--r", "4", "--batch-size", "4", "--rounds", "2", "--seconds", "0.5"]
+    assert pairs([*argv, "--warmup", "0.2", "--direct-seconds", "0.2", "--out", str(out)]) == 0
+    after = httpx.get(f"{tiny_server}/metrics").text
+
+    result = json.loads(out.read_text())
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    for measured in (r["measured"] for r in result["rounds"]):
+        assert set(measured) == {"direct", *SERVED}
+        assert all(variant["images_per_s"] > 0 for variant in measured.values())
+    first = result["rounds"][0]
+    expected = (
+        first["measured"]["embeddings base64"]["images_per_s"] / first["measured"]["direct"]["images_per_s"]
+    )
+    assert first["ratios"]["embeddings_over_direct"] == pytest.approx(expected, abs=1e-3)
+    assert set(first["ratios"]) == set(RATIOS) and result["verdict"]["failed_requests"] == 0
+    served = {
+        endpoint: metric_value(after, "tome_requests_total", endpoint=endpoint, r="4", code="200")
+        - metric_value(before, "tome_requests_total", endpoint=endpoint, r="4", code="200")
+        for endpoint in ("classify", "embeddings")
+    }
+    assert served["classify"] > 0 and served["embeddings"] > served["classify"] / 4, served
