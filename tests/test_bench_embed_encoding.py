@@ -29,4 +29,5 @@ def test_rows_for_each_pooling_and_encoding(tmp_path: Path, capsys) -> None:
         values = WIDTH if pooling == "model" else PATCHES * WIDTH
         assert base64_bytes >= values * 16 / 3 and float_bytes > 2 * base64_bytes
     assert all(row["encode_us"] > 0 and row["decode_us"] > 0 and row["model_ms"] > 0 for row in rows.values())
+    assert len({row["request_us"] for row in rows.values()}) == 1 and rows["model", "float"]["request_us"] > 0
     assert "| patch (64x64) | float |" in capsys.readouterr().out
