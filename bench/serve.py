@@ -1,12 +1,17 @@
 """Server throughput and latency against the model's own throughput, measured in the same run.
 
     python -m tome_bench.serve --model vit_small_patch16_224 --weights random --batch-size 8 --r 16
+    python -m tome_bench.serve ... --endpoint embeddings [--encoding float]
 
 1. Starts ``python -m tome_serve`` (or uses ``--url``) with the given model and batching knobs.
 2. Direct: the same model, loaded and patched in this process the same way, timed on a ready-made
-   batch of ``--batch-size`` preprocessed images (no HTTP, no decoding): the ceiling.
+   batch of ``--batch-size`` preprocessed images (no HTTP, no decoding): the ceiling. With
+   ``--endpoint embeddings`` the direct model computes what an embedding needs, ``forward_features``
+   then ``forward_head(pre_logits=True)``, and no classifier.
 3. Saturation: ``--concurrency`` closed-loop clients (default 3 x batch size) post a JPEG back to
-   back for ``--duration`` s; throughput and p50/p95/p99 latency of the answers.
+   back for ``--duration`` s; throughput and p50/p95/p99 latency of the answers. With ``--endpoint
+   embeddings`` each request is OpenAI's JSON embeddings request of that one JPEG as a data URI,
+   answered in ``--encoding`` (default base64, what OpenAI's clients ask for).
 4. Overload: open-loop arrivals at ``--overload`` (default 2) x the saturation throughput; a server
    that sheds answers the excess with 429 and keeps the latency of what it accepts bounded.
 5. Direct again (drift check), then results to ``--out`` (JSON) and the same name with .csv.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import csv
 import io
 import json
@@ -134,6 +140,18 @@ class PhaseMeter(CpuMeter):
         """(monotonic time, status) of every finished request, warm-up included."""
 
 
+@dataclass(frozen=True)
+class EmbeddingsPost:
+    """Post OpenAI's embeddings request to /v1/embeddings instead of the image to /classify: one image
+    per request, as a data URI, with its answer in ``encoding`` ("base64" or "float")."""
+
+    encoding: str = "base64"
+
+    def body(self, image: bytes, r: int | str) -> bytes:
+        uri = "data:image/jpeg;base64," + base64.b64encode(image).decode("ascii")
+        return json.dumps({"input": [uri], "encoding_format": self.encoding, "r": r}).encode()
+
+
 class Client:
     """The load generator's HTTP client: aiohttp with a keep-alive connection pool.
 
@@ -156,10 +174,17 @@ class Client:
         connections: int,
         params: str = "",
         completed: list[tuple[float, int]] | None = None,
+        embeddings: EmbeddingsPost | None = None,
     ) -> None:
         self._url = f"{url.rstrip('/')}/classify?r={r}&top_k=1{params}"
         self._payload = payload
         self._headers = headers if self.multipart else {"Content-Type": "image/jpeg", **headers}
+        if embeddings is not None:
+            if params or self.multipart:
+                raise ValueError("an embeddings request carries its parameters in its JSON body")
+            self._url = f"{url.rstrip('/')}/v1/embeddings"
+            self._payload = embeddings.body(payload, r)
+            self._headers = {"Content-Type": "application/json", **headers}
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
         self.completed = completed if completed is not None else []
@@ -198,7 +223,10 @@ def _used_r(status: int, header: str | None, body: bytes) -> int | None:
         return int(header)
     if status != 200 or not body.startswith(b"{"):
         return None
-    r = json.loads(body).get("r")
+    answer = json.loads(body)
+    r = answer.get("r")
+    if r is None and answer.get("data"):  # an embeddings answer: each image has its r
+        r = answer["data"][0].get("r")
     return r if isinstance(r, int) else None
 
 
@@ -260,13 +288,14 @@ async def closed_loop(
     headers: dict[str, str],
     params: str = "",
     meter: PhaseMeter | None = None,
+    embeddings: EmbeddingsPost | None = None,
 ) -> list[Outcome]:
     """``clients`` workers, each sending its next request as soon as the last is answered."""
     outcomes: list[Outcome] = []
     start = time.monotonic()
     window = (start + warmup, start + warmup + seconds)
     completed = meter.completed if meter is not None else None
-    async with Client(url, payload, r, headers, clients, params, completed) as client:
+    async with Client(url, payload, r, headers, clients, params, completed, embeddings) as client:
 
         async def worker() -> None:
             while time.monotonic() < window[1]:
@@ -290,6 +319,7 @@ async def open_loop(
     headers: dict[str, str],
     params: str = "",
     meter: PhaseMeter | None = None,
+    embeddings: EmbeddingsPost | None = None,
 ) -> list[Outcome]:
     """Requests arrive at ``rate`` per second whatever the server does (seeded Poisson arrivals)."""
     outcomes: list[Outcome] = []
@@ -298,7 +328,7 @@ async def open_loop(
     completed = meter.completed if meter is not None else None
     # At most 256 connections, so the client cannot drown itself; an arrival that finds every
     # connection busy waits in the client's pool, and that wait counts in its latency.
-    async with Client(url, payload, r, headers, 256, params, completed) as client:
+    async with Client(url, payload, r, headers, 256, params, completed, embeddings) as client:
 
         async def arrival() -> None:
             sent = time.monotonic()
@@ -330,12 +360,14 @@ def cpu_report(meter: PhaseMeter) -> dict:
 
 
 def direct_throughput(
-    settings: Settings, r: int, batch_size: int, seconds: float, image: Image.Image
+    settings: Settings, r: int, batch_size: int, seconds: float, image: Image.Image, embeddings: bool = False
 ) -> dict:
-    """Images per second of the patched model itself on a ready batch (median batch time)."""
+    """Images per second of the patched model itself on a ready batch (median batch time); with
+    ``embeddings``, of the features and the pooled pre-logits an embedding needs (no classifier)."""
     loaded = load_model(settings.model_names[0], settings)
     pixels = torch.stack([loaded.preprocessor(image)] * batch_size).to(loaded.device)
     batch = loaded.preprocessor.normalize(pixels, loaded.dtype)  # ready input: the model's time alone
+    module = loaded.module
 
     calls = 0
 
@@ -343,7 +375,10 @@ def direct_throughput(
         nonlocal calls
         calls += 1
         with tome.merging(r=r):
-            loaded.module(batch)
+            if embeddings:
+                module.forward_head(module.forward_features(batch), pre_logits=True)
+            else:
+                module(batch)
 
     probe = interleaved_seconds({"direct": forward}, rounds=2, warmup=2, device=loaded.device)["direct"]
     rounds = max(5, int(seconds / max(probe, 1e-4)))
@@ -521,12 +556,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--url is a peer (bench/litserve_peer.py): no /models or /metrics",
     )
     parser.add_argument("--multipart", action="store_true", help="post the image as multipart field 'file'")
+    parser.add_argument(
+        "--endpoint",
+        default="classify",
+        choices=["classify", "embeddings"],
+        help="embeddings: OpenAI's JSON request to /v1/embeddings, one data URI image per request",
+    )
+    parser.add_argument(
+        "--encoding",
+        default="base64",
+        choices=["base64", "float"],
+        help="--endpoint embeddings: the encoding_format asked for",
+    )
     parser.add_argument("--out", default="artifacts/serve_bench.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.endpoint == "embeddings" and (args.multipart or args.peer):
+        raise SystemExit("--endpoint embeddings posts JSON to this project's server: no --multipart, --peer")
+    embeddings = EmbeddingsPost(args.encoding) if args.endpoint == "embeddings" else None
     concurrency = args.concurrency or 3 * args.batch_size
     key = os.environ.get("TOME_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -547,20 +597,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             info = httpx.get(f"{url}/models", headers=headers).json()["models"][0]
         model = info["name"]
-        print(f"server {url}: {model} ({info['weights']}), r={args.r}, batch {args.batch_size}", flush=True)
-        direct_before = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
+        what = f"/{args.endpoint}" + (f" ({args.encoding})" if embeddings else "")
+        print(
+            f"server {url}: {model} ({info['weights']}), {what}, r={args.r}, batch {args.batch_size}",
+            flush=True,
+        )
+        direct = (settings, args.r, args.batch_size, args.direct_seconds, image, embeddings is not None)
+        direct_before = direct_throughput(*direct)
         print(f"direct (before): {direct_before}", flush=True)
         server_pid = process.pid if process is not None else args.server_pid
         meter = PhaseMeter(server_pid)
-        saturated = closed_loop(
-            url, payload, args.r, concurrency, args.warmup, args.duration, headers, meter=meter
-        )
+        phase = (args.warmup, args.duration, headers)
+        saturated = closed_loop(url, payload, args.r, concurrency, *phase, meter=meter, embeddings=embeddings)
         saturation = run_phase("saturation", saturated, meter, args, url, model, headers, None)
         rate = args.overload * max(saturation.throughput_ips, 1.0)
         meter = PhaseMeter(server_pid)
-        overloaded = open_loop(url, payload, args.r, rate, args.warmup, args.duration, headers, meter=meter)
+        overloaded = open_loop(url, payload, args.r, rate, *phase, meter=meter, embeddings=embeddings)
         overload = run_phase("overload", overloaded, meter, args, url, model, headers, rate)
-        direct_after = direct_throughput(settings, args.r, args.batch_size, args.direct_seconds, image)
+        direct_after = direct_throughput(*direct)
         print(f"direct (after): {direct_after}", flush=True)
     finally:
         if process is not None:

@@ -6,9 +6,11 @@ thumbnail, a model-sized crop, camera-sized photos in both orientations.
 
 from __future__ import annotations
 
+import base64
 import io
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -38,6 +40,11 @@ class SampleImage:
     def multipart(self) -> tuple[str, bytes, str]:
         """The ``files={"file": ...}`` tuple for a multipart upload."""
         return (self.name, self.data, self.content_type)
+
+    @cached_property  # every embeddings request sends some: encode each image once
+    def data_uri(self) -> str:
+        """The image as a base64 ``data:`` URI, as an embeddings request's ``input`` holds it."""
+        return f"data:{self.content_type};base64,{base64.b64encode(self.data).decode('ascii')}"
 
 
 def synthetic_image(width: int, height: int, fmt: str, seed: int) -> SampleImage:

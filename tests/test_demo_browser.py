@@ -7,6 +7,7 @@ A screenshot of each test's final page is written to ``artifacts/`` for people t
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -37,7 +39,8 @@ from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serverutil import TINY_MODEL_KWARGS, run_server  # noqa: E402
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
 WAIT_S = 90  # the CPU is shared with other test runs; a tiny model still answers in well under a second
 
 # The machine has no internet: everything that would phone home is switched off.
@@ -455,3 +458,73 @@ def test_api_docs_show_every_operation_from_this_server_alone(server: str) -> No
         assert loaded and all(url.startswith(server) for url in loaded), loaded
         errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors  # a script or style the policy refused would be reported here
+
+
+SAMPLES = REPO / "server" / "static" / "samples"
+
+
+def embed_directly(base_url: str, image: bytes, r: int) -> np.ndarray:
+    uri = "data:image/png;base64," + base64.b64encode(image).decode()
+    answer = httpx.post(f"{base_url}/v1/embeddings", json={"input": uri, "r": r}, timeout=WAIT_S)
+    assert answer.status_code == 200, answer.text
+    return np.asarray(answer.json()["data"][0]["embedding"])
+
+
+def neighbours(driver: WebDriver) -> list[tuple[str, float]]:
+    items = driver.find_elements(By.CSS_SELECTOR, "#nearest li.neighbour")
+    return [(li.get_attribute("data-name"), float(li.get_attribute("data-cosine"))) for li in items]
+
+
+def shown_cosine(driver: WebDriver) -> tuple[str | None, str | None]:
+    """(r, cosine to r=0) of the embedding on display, both None before one is shown."""
+    cosine = driver.find_element(By.ID, "embed-cosine")
+    return cosine.get_attribute("data-r"), cosine.get_attribute("data-cosine")
+
+
+def test_embed_view_shows_the_cosine_to_r0_and_the_nearest_samples(server: str, tmp_path: Path) -> None:
+    photo = make_photo(tmp_path / "shapes.png")
+    samples = {path.name: embed_directly(server, path.read_bytes(), 0) for path in SAMPLES.glob("*.jpg")}
+    with chromium() as driver, screenshot_on_exit(driver, "demo-browser-embed"):
+        driver.get(server + "/")
+        wait_until_models_loaded(driver)
+        assert not driver.find_element(By.ID, "embed").is_displayed(), "the page opens on predictions"
+        driver.find_element(By.CSS_SELECTOR, "label[for=view-embed]").click()
+        slider = driver.find_element(By.ID, "r-slider")
+        slider.send_keys(Keys.END)
+        r_max = int(slider.get_attribute("max"))
+        driver.find_element(By.ID, "file-input").send_keys(str(photo))
+        wait_for(driver, lambda d: shown_cosine(d)[0] == str(r_max), f"the embedding at r={r_max}")
+
+        # The page's numbers are the API's: the photo at r_max against itself at r=0, and the samples at r=0.
+        at_r = embed_directly(server, photo.read_bytes(), r_max)
+        expected = float(at_r @ embed_directly(server, photo.read_bytes(), 0))
+        assert float(shown_cosine(driver)[1]) == pytest.approx(expected, abs=1e-4)
+        assert expected < 0.9999, "merging changes the embedding of the tiny model"
+        assert text(driver, "embed-cosine") == f"{expected:.4f}"
+        ranked = sorted(
+            ((name, float(at_r @ vector)) for name, vector in samples.items()), key=lambda p: -p[1]
+        )
+        shown = neighbours(driver)
+        assert [name for name, _ in shown] == [name for name, _ in ranked]
+        assert [cos for _, cos in shown] == pytest.approx([cos for _, cos in ranked], abs=1e-4)
+        assert merge_image_loaded(driver) and not driver.find_element(By.ID, "top").is_displayed()
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "demo-browser-embed-view.png"))
+
+        # A sample at r=0 is its own nearest sample, at cosine 1, and its cosine to r=0 is 1.
+        slider.send_keys(Keys.HOME)
+        driver.find_element(By.CSS_SELECTOR, "button.sample[data-src$='coffee.jpg']").click()
+        wait_for(
+            driver,
+            lambda d: shown_cosine(d)[0] == "0" and (neighbours(d) or [("", 0)])[0][0] == "coffee.jpg",
+            "coffee.jpg at r=0",
+        )
+        assert neighbours(driver)[0][1] == pytest.approx(1.0, abs=1e-5)
+        assert text(driver, "embed-cosine") == "1.0000"
+        assert text(driver, "status").startswith("coffee.jpg at r=0: cosine 1.0000 to r=0")
+
+        # Back to predictions: the classify view as before.
+        driver.find_element(By.CSS_SELECTOR, "label[for=view-classify]").click()
+        wait_for(driver, lambda d: len(shown_scores(d)) == 5, "the predictions again")
+        assert not driver.find_element(By.ID, "embed").is_displayed()
+        assert [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"] == []

@@ -76,7 +76,7 @@ def test_queries_use_contract_metrics_and_are_split_by_r():
         for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
             assert "r" in [label.strip() for label in grouping.split(",")], f"{title}: {expr} not split by r"
         if "histogram_quantile" in expr:
-            assert re.search(r"by \(le, r\)", expr), f"{title}: quantile must keep le and r"
+            assert re.search(r"by \(le, (endpoint, )?r\)", expr), f"{title}: quantile must keep le and r"
 
 
 def test_auto_panels_show_chosen_r_load_and_target_attainment_per_model():
@@ -94,6 +94,36 @@ def test_auto_panels_show_chosen_r_load_and_target_attainment_per_model():
             assert "model" in labels or "r" in labels, f"{title}: {expr} mixes models"
         if "histogram_quantile" in expr:
             assert re.search(r"by \(le, model\)", expr), f"{title}: quantile must keep le and model"
+
+
+def test_request_panels_split_by_endpoint_and_embeddings_have_their_own():
+    """An embeddings request holds several images, so its rate and latency are not /classify's: the
+    request panels show each endpoint as its own series, and the embeddings panels show it whatever
+    the Endpoint variable selects."""
+    endpoint_metrics = {"tome_requests_total", "tome_request_duration_seconds"}
+    request_panels = [
+        panel
+        for panel in panels()
+        if any(base_names(t["expr"]) & endpoint_metrics for t in panel["targets"])
+        and "embeddings" not in panel["title"].lower()
+        and panel["type"] == "timeseries"
+    ]
+    assert len(request_panels) == 2, [panel["title"] for panel in request_panels]
+    for panel in request_panels:
+        for target in panel["targets"]:
+            assert re.search(r"by \([^)]*\bendpoint\b", target["expr"]), (panel["title"], target["expr"])
+            assert "{{endpoint}}" in target["legendFormat"], panel["title"]
+    from tome_serve.middleware import ENDPOINTS
+
+    assert "embeddings" in ENDPOINTS.values(), "the label value the embeddings panels select"
+    embeddings = [panel for panel in panels() if panel["title"].lower().startswith("embeddings")]
+    assert {("latency" in p["title"].lower(), "requests/s" in p["title"].lower()) for p in embeddings} == {
+        (True, False),
+        (False, True),
+    }
+    for panel in embeddings:
+        for target in panel["targets"]:
+            assert 'endpoint="embeddings"' in target["expr"], target["expr"]
 
 
 def test_latency_panel_shows_p50_p95_p99():

@@ -5,6 +5,7 @@ label where they split by r."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -27,8 +28,8 @@ RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 
 @pytest.fixture(scope="module")
 def live_metrics(tiny_server: str) -> str:
-    """/metrics after answered (fixed and auto r), merged, visualized and rejected requests, so every
-    series exists."""
+    """/metrics after answered (fixed and auto r), merged, visualized, rejected and embeddings requests,
+    so every series exists."""
     image = png("orange", (96, 80))
     with httpx.Client(base_url=tiny_server, timeout=30) as client:
         for r in (0, 8, "auto"):
@@ -39,6 +40,8 @@ def live_metrics(tiny_server: str) -> str:
             == 200
         )
         assert client.post("/classify?r=-1", files={"file": ("a.png", image, "image/png")}).status_code == 422
+        uri = "data:image/png;base64," + base64.b64encode(image).decode()
+        assert client.post("/v1/embeddings", json={"input": [uri, uri], "r": 8}).status_code == 200
         return client.get("/metrics").text
 
 

@@ -1,12 +1,14 @@
 """The Locust load test's bookkeeping, against a stub server whose answers are known in advance:
 429 is counted apart and is not a failure, other errors are failures, the r mix respects the model's
-r range, the API key is sent, and the step shape walks through its user counts and stops by itself.
+r range, the API key is sent, embeddings requests are OpenAI's with data-URI images and their answers
+are checked, and the step shape walks through its user counts and stops by itself.
 
 Locust monkey-patches the standard library with gevent when imported, so it only ever runs in a
 subprocess here; the modules without Locust (images, level report) are imported directly."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -55,9 +57,10 @@ class StubHandler(BaseHTTPRequestHandler):
         self.reply(200, json.dumps(models).encode())
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
         url = urlsplit(self.path)
-        r = int(parse_qs(url.query)["r"][0])
+        request = json.loads(body) if url.path == "/v1/embeddings" else {}
+        r = int(request["r"] if request else parse_qs(url.query)["r"][0])
         content_type = self.headers.get("Content-Type", "")
         self.seen[(url.path, r, content_type.split(";")[0])] += 1
         if self.headers.get("Authorization") != f"Bearer {API_KEY}":
@@ -68,7 +71,22 @@ class StubHandler(BaseHTTPRequestHandler):
             return self.reply(500, b'{"detail": "boom"}')
         if url.path == "/visualize":
             return self.reply(200, PNG, "image/png")
+        if request:
+            return self.reply(200, json.dumps(embeddings_answer(request)).encode())
         self.reply(200, json.dumps({"predictions": [{"index": 1, "label": "x", "score": 0.9}]}).encode())
+
+
+def embeddings_answer(request: dict) -> dict:
+    """OpenAI's answer to an embeddings request of data-URI images, or a malformed one (a list one
+    item short) when the request is not what the locustfile should send."""
+    images = request["input"]
+    decoded = [base64.b64decode(uri.split(",", 1)[1]) for uri in images if uri.startswith("data:image/")]
+    valid = (
+        request["encoding_format"] == "base64" and decoded and all(Image.open(io.BytesIO(d)) for d in decoded)
+    )
+    vector = base64.b64encode(bytes(4 * 3)).decode()
+    count = len(images) if valid and len(decoded) == len(images) else len(images) - 1
+    return {"object": "list", "data": [{"index": i, "embedding": vector, "shape": [3]} for i in range(count)]}
 
 
 @pytest.fixture
@@ -100,6 +118,7 @@ def test_step_run_counts_429_apart_from_failures(stub_server, tmp_path):
         "LOADTEST_STEP_USERS": "2",
         "LOADTEST_STEP_SECONDS": "4",
         "LOADTEST_R_VALUES": "0,8,16,32",  # 32 is beyond the stub model's r_max
+        "LOADTEST_EMBED_ITEMS": "3",
         "TOME_API_KEY": API_KEY,
     }
     # A long run time: the step shape must end the test itself after its two steps (about 8 s).
@@ -114,7 +133,7 @@ def test_step_run_counts_429_apart_from_failures(stub_server, tmp_path):
     assert result.returncode != 0, "the r=16 errors are failures, so Locust must exit non-zero"
 
     stats = read_stats(tmp_path / "locust_stats.csv")
-    for endpoint in ("/classify", "/visualize"):
+    for endpoint in ("/classify", "/visualize", "/v1/embeddings"):
         answered, shed, errored = (
             stats[f"{endpoint} r=0"],
             stats[f"{endpoint} r=8 [429]"],
@@ -127,6 +146,7 @@ def test_step_run_counts_429_apart_from_failures(stub_server, tmp_path):
     assert not [name for name in stats if "r=32" in name], "r beyond r_max must not be sent"
     assert {key[2] for key in seen if key[0] == "/classify"} == {"multipart/form-data"}
     assert {key[2] for key in seen if key[0] == "/visualize"} <= {"image/png", "image/jpeg"}
+    assert {key[2] for key in seen if key[0] == "/v1/embeddings"} == {"application/json"}
 
     levels = json.loads((tmp_path / "levels.json").read_text())
     assert [level["users"] for level in levels] == [2, 4], "one row per step"

@@ -46,10 +46,9 @@ def test_locust_smoke_run_has_no_failures(tmp_path):
     assert int(total["Request Count"]) > 0 and total["Failure Count"] == "0", log
     assert float(total["Requests/s"]) > 0
     assert rows["setup: GET /models"]["Failure Count"] == "0", "the API key must be sent"
-    answered = [
-        name for name in rows if name.startswith(("/classify r=", "/visualize r=")) and "[429]" not in name
-    ]
-    assert {name.split()[0] for name in answered} == {"/classify", "/visualize"}
+    endpoints = ("/classify r=", "/visualize r=", "/v1/embeddings r=")
+    answered = [name for name in rows if name.startswith(endpoints) and "[429]" not in name]
+    assert {name.split()[0] for name in answered} == {"/classify", "/visualize", "/v1/embeddings"}
     r_names = {name.split()[1] for name in answered}
     assert r_names == {"r=0", "r=8", "r=16", "r=auto"}, "the default r mix 0,8,16,auto fits the tiny model"
 

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```", README, flags=re.MULTILINE | re.DOTALL)
 PYTHON = [code for language, code in BLOCKS if language == "python"]
+LIBRARY = [code for code in PYTHON if "tome.visualize(" in code]
+CLIENT = [code for code in PYTHON if "from openai import OpenAI" in code]
 
 # The claims in the library example's comments, checked after it ran (random weights change no count).
 CLAIMS = """
@@ -30,11 +32,11 @@ assert Image.open("merge.png").size == (224, 224)
 """
 
 
-def test_the_readme_has_the_library_example():
-    assert len(PYTHON) == 1 and "tome.visualize(" in PYTHON[0]
+def test_the_readme_has_the_library_and_the_embeddings_client_examples():
+    assert len(LIBRARY) == 1 and len(CLIENT) == 1 and len(PYTHON) == 2
 
 
-@pytest.mark.parametrize("code", PYTHON, ids=[f"block{i}" for i in range(len(PYTHON))])
+@pytest.mark.parametrize("code", LIBRARY, ids=[f"block{i}" for i in range(len(LIBRARY))])
 def test_python_block_runs_as_written(code: str, tmp_path: Path):
     """Run with pretrained=False (no model hub in tests), in a scratch folder that sees the repository's
     files under the same relative paths."""
@@ -45,6 +47,25 @@ def test_python_block_runs_as_written(code: str, tmp_path: Path):
         [sys.executable, "-c", offline + CLAIMS], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_the_embeddings_client_example_runs_against_a_server(tiny_server: str, tmp_path: Path):
+    """OpenAI's client against a real server with the tiny model (its name and address put in for the
+    example's), from a folder that sees the repository's samples under the same relative path."""
+    from serverutil import TINY_MODEL_KWARGS
+    from tiny import NAME
+
+    (code,) = CLIENT
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code and 'model="vit_small_patch16_224"' in code
+    local = code.replace("http://127.0.0.1:8000", tiny_server).replace("vit_small_patch16_224", NAME)
+    (tmp_path / "server").symlink_to(REPO / "server")
+    result = subprocess.run(
+        [sys.executable, "-c", local], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    width, r, tokens = result.stdout.split(maxsplit=2)
+    assert (int(width), int(r)) == (TINY_MODEL_KWARGS["embed_dim"], 8)
+    assert tokens.startswith("{'input': 65, 'output': ")
 
 
 def test_commands_name_only_files_the_repository_ships():
@@ -126,3 +147,30 @@ def test_the_readme_quotes_the_torch_the_dockerfile_pins():
         pinned = re.search(rf"^ARG {arg}=(\S+)$", dockerfile, flags=re.MULTILINE)
         assert pinned, f"the Dockerfile no longer pins {arg}"
         assert f"ARG {arg}={pinned[1]}" in README, f"README does not say the image pins {arg}={pinned[1]}"
+
+
+def test_the_configuration_page_names_every_setting():
+    """docs/configuration.md is where the README sends an operator for every setting."""
+    from tome_serve.config import Settings
+
+    page = (REPO / "docs" / "configuration.md").read_text()
+    missing = [
+        name
+        for name in Settings.model_fields
+        if f"`TOME_{name.upper()}`" not in page or f"`--{name.replace('_', '-')}`" not in page
+    ]
+    assert not missing, f"docs/configuration.md lacks the settings {missing}"
+
+
+def test_the_metrics_page_names_every_metric_a_server_exports(tiny_server: str):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exposition = httpx.get(f"{tiny_server}/metrics", timeout=30).text
+    families = text_string_to_metric_families(exposition)
+    exported = {f.name for f in families if f.name.startswith("tome_") and not f.name.endswith("_created")}
+    page = (REPO / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(tome_\w+)` \|", page, flags=re.MULTILINE))
+    # prometheus_client names a counter's family without its _total suffix.
+    missing = {name for name in exported if name not in documented and f"{name}_total" not in documented}
+    assert exported and not missing, f"docs/metrics.md lacks {sorted(missing)}"

@@ -1,5 +1,5 @@
 // Demo page for tome-serve. Plain browser JavaScript, no build step, no third-party code.
-// It talks to the public API (/models, /classify, /visualize) exactly as any client would.
+// It talks to the public API (/models, /classify, /visualize, /v1/embeddings) exactly as any client would.
 "use strict";
 
 (() => {
@@ -35,6 +35,11 @@
     totalMs: $("total-ms"),
     queueMs: $("queue-ms"),
     predictions: $("predictions"),
+    viewRadios: [...document.querySelectorAll('input[name="view"]')],
+    embed: $("embed"),
+    embedCosine: $("embed-cosine"),
+    embedNote: $("embed-note"),
+    nearest: $("nearest"),
   };
 
   // What the user has chosen; results are derived from it by refresh().
@@ -46,6 +51,7 @@
     modelsRequest: null, // the /models request in flight, if any
     originalUrl: "",
     mergeUrl: "",
+    samples: new Map(), // model name -> promise of the samples' r=0 embeddings, asked for once
   };
 
   // ---------- API ----------
@@ -108,6 +114,34 @@
     body.append("file", file, file.name || "image");
     const query = new URLSearchParams(params).toString();
     return request(`${endpoint}?${query}`, { method: "POST", body, signal });
+  }
+
+  // Several images as multipart files, the other fields of OpenAI's embeddings request beside them;
+  // the answer in base64, as OpenAI's clients ask for it.
+  async function postEmbeddings(files, params, signal) {
+    const body = new FormData();
+    for (const file of files) body.append("file", file, file.name || "image");
+    for (const [name, value] of Object.entries({ encoding_format: "base64", ...params })) body.append(name, value);
+    return (await request("v1/embeddings", { method: "POST", body, signal })).json();
+  }
+
+  // base64 of little-endian float32 values.
+  function decodeEmbedding(item) {
+    const bytes = Uint8Array.from(atob(item.embedding), (c) => c.charCodeAt(0));
+    const view = new DataView(bytes.buffer);
+    return Float64Array.from({ length: bytes.length / 4 }, (_, i) => view.getFloat32(4 * i, true));
+  }
+
+  function cosine(a, b) {
+    let dot = 0;
+    let aa = 0;
+    let bb = 0;
+    for (let i = 0; i < a.length; i++) {
+      dot += a[i] * b[i];
+      aa += a[i] * a[i];
+      bb += b[i] * b[i];
+    }
+    return dot / Math.sqrt(aa * bb);
   }
 
   // ---------- /models ----------
@@ -248,18 +282,16 @@
     ui.results.setAttribute("aria-busy", "true");
     setStatus(`Running ${model.name} at r=${r} on ${file.name || "the image"}…`);
     try {
+      if (currentView() === "embed") {
+        await refreshEmbedding(model, r, file, controller.signal, isCurrent);
+        return;
+      }
       const params = { model: model.name, r: String(r) };
       const started = performance.now();
       const classify = hasClassifier(model)
         ? postImage("classify", { ...params, top_k: String(TOP_K) }, file, controller.signal).then((res) => res.json())
         : Promise.resolve(null);
-      const [classified, merged] = await Promise.all([
-        classify,
-        postImage("visualize", params, file, controller.signal).then(async (res) => ({
-          blob: await res.blob(),
-          headers: res.headers,
-        })),
-      ]);
+      const [classified, merged] = await Promise.all([classify, visualize(params, file, controller.signal)]);
       if (!isCurrent()) return;
       clearError();
       const result = classified ?? resultFromHeaders(merged.headers, r, performance.now() - started);
@@ -276,6 +308,63 @@
     } finally {
       if (isCurrent()) ui.results.setAttribute("aria-busy", "false");
     }
+  }
+
+  function visualize(params, file, signal) {
+    return postImage("visualize", params, file, signal).then(async (res) => ({
+      blob: await res.blob(),
+      headers: res.headers,
+    }));
+  }
+
+  // The embed view: the image's embedding at r against its own at r=0 (one request when r is 0), the
+  // samples' r=0 embeddings ranked against it, and the merge map at r for the figures and the stats.
+  async function refreshEmbedding(model, r, file, signal, isCurrent) {
+    const auto = r === "auto";
+    const params = { model: model.name, r: String(r) };
+    const started = performance.now();
+    const atR = postEmbeddings([file], params, signal);
+    const atZero = r === 0 ? atR : postEmbeddings([file], { ...params, r: "0" }, signal);
+    const [chosen, zero, samples, merged] = await Promise.all([
+      atR,
+      atZero,
+      sampleEmbeddings(model.name),
+      visualize(params, file, signal),
+    ]);
+    if (!isCurrent()) return;
+    clearError();
+    const vector = decodeEmbedding(chosen.data[0]);
+    const nearest = samples
+      .map((sample) => ({ ...sample, cosine: cosine(vector, sample.vector) }))
+      .sort((a, b) => b.cosine - a.cosine);
+    const result = resultFromHeaders(merged.headers, r, performance.now() - started);
+    const used = auto ? Number(merged.headers.get("X-Tome-R")) : r;
+    renderResult(result, merged.blob, used, file, auto);
+    renderEmbedding(chosen.data[0].r, cosine(vector, decodeEmbedding(zero.data[0])), nearest, file);
+  }
+
+  // The samples' r=0 embeddings, in one request per model; asked again only after a failure.
+  function sampleEmbeddings(modelName) {
+    if (!state.samples.has(modelName)) {
+      const pending = fetchSampleEmbeddings(modelName).catch((err) => {
+        state.samples.delete(modelName);
+        throw err;
+      });
+      state.samples.set(modelName, pending);
+    }
+    return state.samples.get(modelName);
+  }
+
+  async function fetchSampleEmbeddings(modelName) {
+    const buttons = [...document.querySelectorAll("button.sample")];
+    const files = await Promise.all(buttons.map(sampleFile));
+    const answer = await postEmbeddings(files, { model: modelName, r: "0" });
+    return answer.data.map((item) => ({
+      name: files[item.index].name,
+      src: buttons[item.index].dataset.src,
+      alt: buttons[item.index].querySelector("img").alt,
+      vector: decodeEmbedding(item),
+    }));
   }
 
   // A model without a classifier head only has /visualize, which reports its numbers in headers
@@ -355,6 +444,43 @@
     setStatus(`${name}: ${tokens.input ?? "?"} → ${tokens.output ?? "?"} tokens at r=${r}${how}${took}.`);
   }
 
+  function renderEmbedding(r, toZero, nearest, file) {
+    ui.embedCosine.textContent = toZero.toFixed(4);
+    ui.embedCosine.dataset.cosine = String(toZero);
+    ui.embedCosine.dataset.r = String(r);
+    ui.embedNote.textContent = r === 0
+      ? "r=0: the embedding itself, nothing merged"
+      : `cosine similarity of the embedding at r=${r} to the same image's at r=0`;
+    ui.nearest.replaceChildren(...nearest.map(neighbourItem));
+    const top = nearest[0];
+    setStatus(`${file.name || "the image"} at r=${r}: cosine ${toZero.toFixed(4)} to r=0; most similar sample ` +
+      `${top ? `${top.name} (${top.cosine.toFixed(4)})` : "none"}.`);
+  }
+
+  function neighbourItem(sample) {
+    const item = document.createElement("li");
+    item.className = "neighbour";
+    item.dataset.name = sample.name;
+    item.dataset.cosine = String(sample.cosine);
+    const thumb = document.createElement("img");
+    thumb.src = sample.src;
+    thumb.alt = sample.alt;
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = sample.name;
+    const value = document.createElement("span");
+    value.className = "score";
+    value.textContent = sample.cosine.toFixed(4);
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.style.width = `${Math.max(0, Math.min(1, sample.cosine)) * 100}%`;
+    bar.append(fill);
+    item.append(thumb, label, value, bar);
+    return item;
+  }
+
   function predictionItem(prediction) {
     const score = Number(prediction.score);
     const item = document.createElement("li");
@@ -396,6 +522,10 @@
     ui.queueMs.textContent = "";
     ui.batch.textContent = "";
     ui.predictions.replaceChildren(emptyItem("No predictions yet."));
+    ui.embedCosine.textContent = "–";
+    delete ui.embedCosine.dataset.cosine;
+    delete ui.embedCosine.dataset.r;
+    ui.nearest.replaceChildren(emptyItem("No embedding yet."));
     delete ui.results.dataset.r;
     delete ui.results.dataset.rAuto;
     ui.results.classList.remove("stale");
@@ -444,13 +574,17 @@
     ui.originalPlaceholder.textContent = "This browser cannot preview the file";
   });
 
-  async function useSample(button) {
+  async function sampleFile(button) {
     const src = button.dataset.src;
+    const response = await fetch(src);
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    const blob = await response.blob();
+    return new File([blob], src.split("/").pop(), { type: blob.type || "image/jpeg" });
+  }
+
+  async function useSample(button) {
     try {
-      const response = await fetch(src);
-      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
-      const blob = await response.blob();
-      useFile(new File([blob], src.split("/").pop(), { type: blob.type || "image/jpeg" }), button);
+      useFile(await sampleFile(button), button);
     } catch (err) {
       showError(`Could not load the sample image (${err.message}).`);
     }
@@ -498,6 +632,24 @@
     showR();
     scheduleRefresh(0);
   });
+
+  function currentView() {
+    return ui.viewRadios.find((radio) => radio.checked)?.value || "classify";
+  }
+
+  function applyView() {
+    const view = currentView();
+    ui.results.dataset.view = view;
+    ui.embed.hidden = view !== "embed";
+  }
+
+  for (const radio of ui.viewRadios) {
+    radio.addEventListener("change", () => {
+      applyView();
+      scheduleRefresh(0);
+    });
+  }
+  applyView(); // a reload may keep the radio the user had chosen
 
   function applyKey() {
     const key = ui.apiKey.value.trim();
