@@ -12,9 +12,11 @@ Two models, every rule at every r:
   top-1 agreement of each view with r=0.
 
 Speed is measured, not counted in FLOPs: every (rule, r) of one model is timed in the same rounds, in
-turn, in this process, on one batch of views. A rule is then compared with the first one at the
-speeds the first one reached, its per-view scores interpolated linearly between its two neighbouring
-measured speeds; differences are paired over the same views and given with two standard errors.
+turn, in this process, on one batch of views, and only ratios of calls in one round are used (each
+r's speed-up over r=0; each other rule's time over the first rule's at the same r). A rule is then
+compared with the first one at the speeds the first one reached, its per-view scores interpolated
+linearly between its points at that r and a neighbouring r; differences are paired over the same
+views and given with two standard errors.
 Writes ``merge-rules.md``, ``dinov2-curve.md`` and ``img/merge_rules.png`` into --docs; text below
 the notes marker of an existing file is kept.
 """
@@ -59,9 +61,11 @@ class Point:
     rule: str
     r: int
     images_per_s: float
-    """r=0's median rate times this variant's median speed-up over r=0 in the same round."""
+    """First rule: r=0's median rate times its median speed-up over r=0 in the same round. Other
+    rules: the first rule's rate at the same r over ``time_vs_first``."""
     spread: float
-    """Interquartile range over median: of r=0's calls at r=0, of the per-round speed-ups above it."""
+    """Interquartile range over median of what the rate was derived from: r=0's calls, the first
+    rule's per-round speed-ups, or the other rules' per-round time ratios."""
     scores: dict[str, torch.Tensor]
     """Per-view score by metric, float32 [views]."""
     time_vs_first: float = 1.0
@@ -198,12 +202,19 @@ def measure(subject: Subject, rules: Sequence[str], batch: int, rounds: int) -> 
     base_rate, base = batch / median(seconds["r=0"]), subject.score(reference, reference)
     for rule in rules:
         subject.curves[rule] = [Point(rule, 0, base_rate, _spread(seconds["r=0"]), base)]
-    for rule, r in cells:
-        # Ratios within a round: the load of other processes, which drifts over seconds, mostly cancels.
-        speedups = _ratios(seconds["r=0"], seconds[f"{rule} r={r}"])
+    first: dict[int, float] = {}
+    for rule, r in cells:  # the first rule's cells come first
+        # Only ratios of calls in the same round: the load of other processes, which drifts over
+        # seconds, mostly cancels. The rules are compared directly with each other at the same r,
+        # the most precise ratio there is, rather than through two noisier speed-ups over r=0.
         scores = subject.score(forward(model, views, r, rule, batch), reference)
-        cost = median(_ratios(seconds[f"{rule} r={r}"], seconds[f"{rules[0]} r={r}"]))
-        point = Point(rule, r, base_rate * median(speedups), _spread(speedups), scores, cost)
+        if rule == rules[0]:
+            speedups = _ratios(seconds["r=0"], seconds[f"{rule} r={r}"])
+            first[r] = base_rate * median(speedups)
+            subject.curves[rule].append(Point(rule, r, first[r], _spread(speedups), scores))
+            continue
+        costs = _ratios(seconds[f"{rule} r={r}"], seconds[f"{rules[0]} r={r}"])
+        point = Point(rule, r, first[r] / median(costs), _spread(costs), scores, median(costs))
         subject.curves[rule].append(point)
 
 
@@ -225,11 +236,17 @@ class Comparison:
     two_se: float
 
 
-def scores_at_speed(curve: list[Point], speed: float, metric: str) -> torch.Tensor | None:
-    """Per-view scores at ``speed``, linear between the two measured points around it; None outside."""
-    points = sorted(curve, key=lambda p: p.images_per_s)
-    for slow, fast in zip(points, points[1:], strict=False):
-        if slow.images_per_s <= speed <= fast.images_per_s:
+def scores_at_speed(curve: list[Point], r: int, speed: float, metric: str) -> torch.Tensor | None:
+    """Per-view scores at ``speed``, linear between two points of ``curve`` at neighbouring r, one of
+    them at ``r``: the rules differ little in cost, so equal speed lies next to equal r, and looking
+    only there keeps a noisy, non-monotonic speed curve from pairing far-apart r. None outside."""
+    index = next(i for i, point in enumerate(curve) if point.r == r)
+    at_r = curve[index]
+    if at_r.images_per_s == speed:
+        return at_r.scores[metric]
+    for neighbour in [curve[i] for i in (index - 1, index + 1) if 0 <= i < len(curve)]:
+        slow, fast = sorted((at_r, neighbour), key=lambda p: p.images_per_s)
+        if slow.images_per_s <= speed <= fast.images_per_s and fast.images_per_s > slow.images_per_s:
             t = (speed - slow.images_per_s) / (fast.images_per_s - slow.images_per_s)
             return (1 - t) * slow.scores[metric] + t * fast.scores[metric]
     return None
@@ -241,7 +258,7 @@ def compare(base: list[Point], other: list[Point], metric: str) -> list[Comparis
     for point in base:
         if point.r == 0:
             continue
-        scores = scores_at_speed(other, point.images_per_s, metric)
+        scores = scores_at_speed(other, point.r, point.images_per_s, metric)
         if scores is None:
             continue
         diff = scores - point.scores[metric]
@@ -321,7 +338,11 @@ def _monotony(subject: Subject, rules: Sequence[str]) -> list[str]:
     for rule in rules:
         speeds = [p.images_per_s for p in subject.curves[rule]]
         if any(later <= earlier for earlier, later in zip(speeds, speeds[1:], strict=False)):
-            lines += ["", f"Warning: {rule}'s measured img/s does not grow with r here (timing noise)."]
+            lines += [
+                "",
+                f"Warning: {rule}'s measured img/s does not grow with r here (timing noise, or merging "
+                "that costs more than it saves).",
+            ]
     return lines
 
 
@@ -357,11 +378,12 @@ def merge_rules_report(
         "(the mean rescaled to the largest norm of the merged tokens); both use the same matching.",
         "",
         *setup.lines(),
-        "- img/s: at r=0 the median of its timed calls; above, that times the median over rounds of the",
-        "  variant's speed-up over r=0 in the same round (the load of other processes, which drifts over",
-        "  seconds, mostly cancels in a round's ratios). (±x%): half the interquartile range of r=0's",
-        "  calls, and of the per-round speed-ups above r=0, relative to their median. `time / time`:",
-        "  median over rounds of a rule's time over the first rule's at the same r.",
+        f"- img/s: at r=0 the median of its timed calls. {rules[0]} above r=0: that times the median over",
+        "  rounds of its speed-up over r=0 in the same round. Other rules: the first rule's img/s at the",
+        "  same r over `time / time`, the median over rounds of their time over the first rule's at that",
+        "  r in the same round (only ratios within a round are used: the load of other processes, which",
+        "  drifts over seconds, mostly cancels). (±x%): half the interquartile range of what each was",
+        "  derived from (r=0's calls, the speed-ups, the time ratios) relative to its median.",
     ]
     if floor is not None:
         lines.append(

@@ -40,8 +40,13 @@ def test_the_other_rule_is_read_at_the_speeds_the_first_reached():
         _point("mlerp", 8, 28, [0.4, 0.2]),
     ]
     # 20 img/s lies a fifth of the way from mlerp's 18 to 28: 0.8 * [0.9, 0.7] + 0.2 * [0.4, 0.2].
-    assert torch.allclose(scores_at_speed(other, 20, "cosine"), torch.tensor([0.8, 0.6]))
-    assert scores_at_speed(other, 29, "cosine") is None  # faster than mlerp was measured
+    assert torch.allclose(scores_at_speed(other, 4, 20, "cosine"), torch.tensor([0.8, 0.6]))
+    assert scores_at_speed(other, 8, 29, "cosine") is None  # faster than mlerp was measured
+    # A noisy curve whose speed falls at r=12: 16 img/s is read between r=8 and r=12, not r=0 and 4.
+    noisy = other + [_point("mlerp", 12, 15, [0.1, 0.1])]
+    assert torch.allclose(
+        scores_at_speed(noisy, 12, 16, "cosine"), torch.tensor([0.4, 0.2]) / 13 + 0.1 * 12 / 13
+    )
     (row,) = compare(base, other, "cosine")  # 30 img/s is out of mlerp's range, r=0 is no comparison
     assert (row.r, row.speed) == (4, 20)
     assert row.diff == pytest.approx(0.0, abs=1e-6) and row.two_se == pytest.approx(0.0, abs=1e-6)
@@ -70,6 +75,9 @@ def test_measure_times_and_scores_every_rule_at_every_r():
     assert all(p.images_per_s > 0 and p.spread >= 0 for p in tome_curve + mlerp_curve)
     assert tome_curve[2].mean("cosine") < 1.0
     assert not torch.equal(tome_curve[2].scores["cosine"], mlerp_curve[2].scores["cosine"])
+    for tome_point, mlerp_point in zip(tome_curve[1:], mlerp_curve[1:], strict=True):
+        # The other rule's speed is the first rule's over their paired time ratio at the same r.
+        assert mlerp_point.images_per_s == pytest.approx(tome_point.images_per_s / mlerp_point.time_vs_first)
 
     report = merge_rules_report([subject], tome.MERGE_RULES, SETUP, floor=0.9999)
     assert "| r | tome img/s | mlerp img/s | mlerp time / tome time | tome cosine | mlerp cosine |" in report
