@@ -62,7 +62,7 @@ class Point:
     r: int
     images_per_s: float
     """First rule: r=0's median rate times its median speed-up over r=0 in the same round. Other
-    rules: the first rule's rate at the same r over ``time_vs_first``."""
+    rules: the first rule's rate at the same r over their time ratio to it, pooled over every r."""
     spread: float
     """Interquartile range over median of what the rate was derived from: r=0's calls, the first
     rule's per-round speed-ups, or the other rules' per-round time ratios."""
@@ -85,6 +85,8 @@ class Subject:
     metrics: tuple[str, ...]
     r_values: list[int]
     curves: dict[str, list[Point]] = field(default_factory=dict)
+    costs: dict[str, list[float]] = field(default_factory=dict)
+    """Per rule after the first: its time over the first rule's at the same r and round, every r>0."""
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -202,20 +204,25 @@ def measure(subject: Subject, rules: Sequence[str], batch: int, rounds: int) -> 
     base_rate, base = batch / median(seconds["r=0"]), subject.score(reference, reference)
     for rule in rules:
         subject.curves[rule] = [Point(rule, 0, base_rate, _spread(seconds["r=0"]), base)]
+    # Only ratios of calls in the same round are used: the load of other processes, which drifts
+    # over seconds, mostly cancels in them.
     first: dict[int, float] = {}
-    for rule, r in cells:  # the first rule's cells come first
-        # Only ratios of calls in the same round: the load of other processes, which drifts over
-        # seconds, mostly cancels. The rules are compared directly with each other at the same r,
-        # the most precise ratio there is, rather than through two noisier speed-ups over r=0.
-        scores = subject.score(forward(model, views, r, rule, batch), reference)
-        if rule == rules[0]:
-            speedups = _ratios(seconds["r=0"], seconds[f"{rule} r={r}"])
-            first[r] = base_rate * median(speedups)
-            subject.curves[rule].append(Point(rule, r, first[r], _spread(speedups), scores))
-            continue
-        costs = _ratios(seconds[f"{rule} r={r}"], seconds[f"{rules[0]} r={r}"])
-        point = Point(rule, r, first[r] / median(costs), _spread(costs), scores, median(costs))
-        subject.curves[rule].append(point)
+    positive = [r for r in subject.r_values if r > 0]
+    for r in positive:
+        speedups = _ratios(seconds["r=0"], seconds[f"{rules[0]} r={r}"])
+        first[r] = base_rate * median(speedups)
+        scores = subject.score(forward(model, views, r, rules[0], batch), reference)
+        subject.curves[rules[0]].append(Point(rules[0], r, first[r], _spread(speedups), scores))
+    for rule in rules[1:]:
+        # The rules differ by a few small kernels per block, less than the noise of one r's ratios:
+        # the rule's cost is its time ratio to the first rule pooled over every r and round.
+        ratios = {r: _ratios(seconds[f"{rule} r={r}"], seconds[f"{rules[0]} r={r}"]) for r in positive}
+        subject.costs[rule] = [ratio for values in ratios.values() for ratio in values]
+        cost = median(subject.costs[rule])
+        for r in positive:
+            scores = subject.score(forward(model, views, r, rule, batch), reference)
+            point = Point(rule, r, first[r] / cost, _spread(ratios[r]), scores, median(ratios[r]))
+            subject.curves[rule].append(point)
 
 
 def _ratios(numerators: list[float], denominators: list[float]) -> list[float]:
@@ -331,6 +338,19 @@ def _curve_table(subject: Subject, rules: Sequence[str]) -> list[str]:
     return lines
 
 
+def _costs(subject: Subject, rules: Sequence[str]) -> list[str]:
+    lines = []
+    for rule in rules[1:]:
+        ratios = sorted(subject.costs[rule])
+        quarter = len(ratios) // 4
+        lines += [
+            "",
+            f"{rule} time / {rules[0]} time, pooled over every r > 0 and round: {median(ratios):.3f} "
+            f"(quartiles {ratios[quarter]:.3f} to {ratios[-1 - quarter]:.3f}, {len(ratios)} ratios).",
+        ]
+    return lines
+
+
 def _monotony(subject: Subject, rules: Sequence[str]) -> list[str]:
     """A warning where a rule's measured speed does not grow with r: the comparison at equal speed
     then reads the other curve at the wrong place, and the run should be repeated on a quieter machine."""
@@ -380,10 +400,11 @@ def merge_rules_report(
         *setup.lines(),
         f"- img/s: at r=0 the median of its timed calls. {rules[0]} above r=0: that times the median over",
         "  rounds of its speed-up over r=0 in the same round. Other rules: the first rule's img/s at the",
-        "  same r over `time / time`, the median over rounds of their time over the first rule's at that",
-        "  r in the same round (only ratios within a round are used: the load of other processes, which",
-        "  drifts over seconds, mostly cancels). (±x%): half the interquartile range of what each was",
-        "  derived from (r=0's calls, the speed-ups, the time ratios) relative to its median.",
+        "  same r over their time ratio to it in the same round, pooled over every r and round (below",
+        "  each table); `time / time` is that ratio's median at one r. Only ratios within a round are",
+        "  used: the load of other processes, which drifts over seconds, mostly cancels in them.",
+        "  (±x%): half the interquartile range of what each was derived from (r=0's calls, the",
+        "  speed-ups, one r's time ratios) relative to its median.",
     ]
     if floor is not None:
         lines.append(
@@ -396,6 +417,7 @@ def merge_rules_report(
             f"## {subject.title}",
             "",
             *_curve_table(subject, rules),
+            *_costs(subject, rules),
             *_monotony(subject, rules),
             *_comparison_table(subject, rules),
         ]
