@@ -75,17 +75,19 @@ def test_measure_times_and_scores_every_rule_at_every_r():
     assert all(p.images_per_s > 0 and p.spread >= 0 for p in tome_curve + mlerp_curve)
     assert tome_curve[2].mean("cosine") < 1.0
     assert not torch.equal(tome_curve[2].scores["cosine"], mlerp_curve[2].scores["cosine"])
-    # The other rule's speed is the first rule's over their time ratio in a round, pooled over r.
-    assert len(subject.costs["mlerp"]) == 2 * 2  # rounds x r values above 0
-    cost = sorted(subject.costs["mlerp"])[2]
+    # The other rule's time per batch is the first rule's plus its merge steps' extra time.
+    assert len(subject.costs["mlerp"]) == 2 * 2  # whole-model ratios: rounds x r values above 0
+    merges = subject.merge_seconds
     for tome_point, mlerp_point in zip(tome_curve[1:], mlerp_curve[1:], strict=True):
-        assert mlerp_point.images_per_s == pytest.approx(tome_point.images_per_s / cost)
+        extra = merges["mlerp"][tome_point.r] - merges["tome"][tome_point.r]
+        assert 4 / mlerp_point.images_per_s == pytest.approx(4 / tome_point.images_per_s + extra)
 
     report = merge_rules_report([subject], tome.MERGE_RULES, SETUP, floor=0.9999)
     assert "| r | tome img/s | mlerp img/s | mlerp time / tome time | tome cosine | mlerp cosine |" in report
     assert "Computed verdict: cosine: " in report and "Computed verdict: recall@1: " in report
     assert "test CPU" in report and "0.9999" in report
-    assert "mlerp time / tome time, pooled over every r > 0 and round: " in report
+    assert "Merge steps of one forward pass of the batch, ms: r=2: tome " in report
+    assert "mlerp time / tome time pooled over every r > 0 and round (a check): " in report
     curve = dinov2_curve_report(subject, "tome", SETUP)
     assert f"| 4 | {tome.token_counts(17, 4, 4, 1)[-1]} |" in curve
 
