@@ -86,6 +86,7 @@ def embedded(loaded: LoadedModel, r: int, batch_size: int, poolings: list[str]) 
                 model=loaded.name,
                 weights=loaded.weights,
                 r=r,
+                merge="tome",
                 target_s=None,
                 predictions=[],
                 merge_map_png=None,
@@ -113,7 +114,7 @@ async def answers(results: list[Result], pooling_name: str, encoding: str) -> li
     bodies = []
     for result in results:
         response = EmbeddingsResponse(
-            data=[_embedding(0, result, encoding)],
+            data=[_embedding(0, result, encoding, None)],
             model=result.model,
             weights=result.weights,
             pooling=pooling_name,

@@ -12,9 +12,13 @@ Two models, every rule at every r:
   top-1 agreement of each view with r=0.
 
 Speed is measured, not counted in FLOPs: every (rule, r) of one model is timed in the same rounds, in
-turn, in this process, on one batch of views. A rule is then compared with the first one at the
-speeds the first one reached, its per-view scores interpolated linearly between its two neighbouring
-measured speeds; differences are paired over the same views and given with two standard errors.
+turn, in this process, on one batch of views, and only ratios of calls in one round are used (each
+r's speed-up over r=0). The rules differ only in their merge steps, by less than the whole model's
+timing noise on a shared 2-core machine, so another rule's time is the first rule's plus the extra
+time of its merge steps, timed alone at every layer's shapes. A rule is then compared with the first
+one at the speeds the first one reached, its per-view scores interpolated linearly between its
+points at that r and a neighbouring r; differences are paired over the same views and given with
+two standard errors.
 Writes ``merge-rules.md``, ``dinov2-curve.md`` and ``img/merge_rules.png`` into --docs; text below
 the notes marker of an existing file is kept.
 """
@@ -37,6 +41,7 @@ from timm.data import create_transform, resolve_model_data_config
 
 import tome
 import tome_runtime.weights
+from tome.merge import bipartite_soft_matching, max_merge
 from tome_eval.data import IMAGE_SUFFIXES
 from tome_eval.metrics import cosine
 from tome_eval.retrieval import augmented_views, nearest_hits
@@ -59,9 +64,10 @@ class Point:
     rule: str
     r: int
     images_per_s: float
-    """r=0's median rate times this variant's median speed-up over r=0 in the same round."""
+    """First rule: r=0's median rate times its median speed-up over r=0 in the same round. Other
+    rules: the first rule's time per batch at the same r plus their merge steps' extra time."""
     spread: float
-    """Interquartile range over median: of r=0's calls at r=0, of the per-round speed-ups above it."""
+    """Interquartile range over median of r=0's calls, or of the first rule's per-round speed-ups."""
     scores: dict[str, torch.Tensor]
     """Per-view score by metric, float32 [views]."""
     time_vs_first: float = 1.0
@@ -81,6 +87,10 @@ class Subject:
     metrics: tuple[str, ...]
     r_values: list[int]
     curves: dict[str, list[Point]] = field(default_factory=dict)
+    costs: dict[str, list[float]] = field(default_factory=dict)
+    """Per rule after the first: its time over the first rule's at the same r and round, every r>0."""
+    merge_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Per rule and r > 0: seconds of one forward pass's merge steps (median over rounds)."""
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,13 +208,60 @@ def measure(subject: Subject, rules: Sequence[str], batch: int, rounds: int) -> 
     base_rate, base = batch / median(seconds["r=0"]), subject.score(reference, reference)
     for rule in rules:
         subject.curves[rule] = [Point(rule, 0, base_rate, _spread(seconds["r=0"]), base)]
+    # Only ratios of calls in the same round are used: the load of other processes, which drifts
+    # over seconds, mostly cancels in them.
+    first: dict[int, float] = {}
+    positive = [r for r in subject.r_values if r > 0]
+    for r in positive:
+        speedups = _ratios(seconds["r=0"], seconds[f"{rules[0]} r={r}"])
+        first[r] = base_rate * median(speedups)
+        scores = subject.score(forward(model, views, r, rules[0], batch), reference)
+        subject.curves[rules[0]].append(Point(rules[0], r, first[r], _spread(speedups), scores))
+    _time_merge_steps(subject, rules, batch, rounds)
+    for rule in rules[1:]:
+        # The rules differ only in their merge steps, by less than the whole model's timing noise
+        # here (the whole-model ratios stay in the report as a check): the difference is timed on
+        # the merge steps alone, where it is resolvable, and added to the first rule's time.
+        ratios = {r: _ratios(seconds[f"{rule} r={r}"], seconds[f"{rules[0]} r={r}"]) for r in positive}
+        subject.costs[rule] = [ratio for values in ratios.values() for ratio in values]
+        for i, r in enumerate(positive, start=1):
+            extra = subject.merge_seconds[rule][r] - subject.merge_seconds[rules[0]][r]
+            rate = batch / (batch / first[r] + extra)
+            scores = subject.score(forward(model, views, r, rule, batch), reference)
+            spread = subject.curves[rules[0]][i].spread
+            subject.curves[rule].append(Point(rule, r, rate, spread, scores, median(ratios[r])))
+
+
+def merge_steps(model: nn.Module, batch: int, r: int, rule: str) -> Callable[[], object]:
+    """One forward pass's merges at ``r``, each layer at its shapes, on random features: the only
+    work in which the rules differ. The matching is done beforehand; it is the same for every rule."""
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    num_tokens, prefix = tome.input_tokens(model), model.num_prefix_tokens
+    steps = []
+    for layer_r in tome.parse_r(r, len(model.blocks)):
+        if min(layer_r, max_merge(num_tokens, prefix)) == 0:
+            continue  # a block with nothing to merge calls no merge
+        metric = torch.randn(batch, num_tokens, model.blocks[0].attn.head_dim, generator=generator)
+        x = torch.randn(batch, num_tokens, model.embed_dim, generator=generator).to(param.dtype)
+        size = torch.randint(1, 4, (batch, num_tokens, 1), generator=generator).float()
+        match = bipartite_soft_matching(metric, layer_r, prefix)
+        steps.append((match, x, size))
+        num_tokens = match.num_out
+
+    def call() -> object:
+        return [match.merge_weighted(x, size, rule) for match, x, size in steps]
+
+    return call
+
+
+def _time_merge_steps(subject: Subject, rules: Sequence[str], batch: int, rounds: int) -> None:
+    cells = [(rule, r) for rule in rules for r in subject.r_values if r > 0]
+    variants = {f"{rule} r={r}": merge_steps(subject.model, batch, r, rule) for rule, r in cells}
+    # A forward pass's merges take milliseconds: ten times the model's rounds cost seconds.
+    seconds = interleaved_rounds(variants, 10 * rounds, warmup=5)
     for rule, r in cells:
-        # Ratios within a round: the load of other processes, which drifts over seconds, mostly cancels.
-        speedups = _ratios(seconds["r=0"], seconds[f"{rule} r={r}"])
-        scores = subject.score(forward(model, views, r, rule, batch), reference)
-        cost = median(_ratios(seconds[f"{rule} r={r}"], seconds[f"{rules[0]} r={r}"]))
-        point = Point(rule, r, base_rate * median(speedups), _spread(speedups), scores, cost)
-        subject.curves[rule].append(point)
+        subject.merge_seconds.setdefault(rule, {})[r] = median(seconds[f"{rule} r={r}"])
 
 
 def _ratios(numerators: list[float], denominators: list[float]) -> list[float]:
@@ -225,11 +282,17 @@ class Comparison:
     two_se: float
 
 
-def scores_at_speed(curve: list[Point], speed: float, metric: str) -> torch.Tensor | None:
-    """Per-view scores at ``speed``, linear between the two measured points around it; None outside."""
-    points = sorted(curve, key=lambda p: p.images_per_s)
-    for slow, fast in zip(points, points[1:], strict=False):
-        if slow.images_per_s <= speed <= fast.images_per_s:
+def scores_at_speed(curve: list[Point], r: int, speed: float, metric: str) -> torch.Tensor | None:
+    """Per-view scores at ``speed``, linear between two points of ``curve`` at neighbouring r, one of
+    them at ``r``: the rules differ little in cost, so equal speed lies next to equal r, and looking
+    only there keeps a noisy, non-monotonic speed curve from pairing far-apart r. None outside."""
+    index = next(i for i, point in enumerate(curve) if point.r == r)
+    at_r = curve[index]
+    if at_r.images_per_s == speed:
+        return at_r.scores[metric]
+    for neighbour in [curve[i] for i in (index - 1, index + 1) if 0 <= i < len(curve)]:
+        slow, fast = sorted((at_r, neighbour), key=lambda p: p.images_per_s)
+        if slow.images_per_s <= speed <= fast.images_per_s and fast.images_per_s > slow.images_per_s:
             t = (speed - slow.images_per_s) / (fast.images_per_s - slow.images_per_s)
             return (1 - t) * slow.scores[metric] + t * fast.scores[metric]
     return None
@@ -241,7 +304,7 @@ def compare(base: list[Point], other: list[Point], metric: str) -> list[Comparis
     for point in base:
         if point.r == 0:
             continue
-        scores = scores_at_speed(other, point.images_per_s, metric)
+        scores = scores_at_speed(other, point.r, point.images_per_s, metric)
         if scores is None:
             continue
         diff = scores - point.scores[metric]
@@ -314,6 +377,25 @@ def _curve_table(subject: Subject, rules: Sequence[str]) -> list[str]:
     return lines
 
 
+def _costs(subject: Subject, rules: Sequence[str]) -> list[str]:
+    merges = subject.merge_seconds
+    steps = "; ".join(
+        f"r={r}: " + ", ".join(f"{rule} {merges[rule][r] * 1e3:.2f}" for rule in rules)
+        for r in merges[rules[0]]
+    )
+    lines = ["", f"Merge steps of one forward pass of the batch, ms: {steps}."]
+    for rule in rules[1:]:
+        ratios = sorted(subject.costs[rule])
+        quarter = len(ratios) // 4
+        lines += [
+            "",
+            f"Whole model, {rule} time / {rules[0]} time pooled over every r > 0 and round (a check): "
+            f"{median(ratios):.3f} (quartiles {ratios[quarter]:.3f} to {ratios[-1 - quarter]:.3f}, "
+            f"{len(ratios)} ratios).",
+        ]
+    return lines
+
+
 def _monotony(subject: Subject, rules: Sequence[str]) -> list[str]:
     """A warning where a rule's measured speed does not grow with r: the comparison at equal speed
     then reads the other curve at the wrong place, and the run should be repeated on a quieter machine."""
@@ -321,7 +403,11 @@ def _monotony(subject: Subject, rules: Sequence[str]) -> list[str]:
     for rule in rules:
         speeds = [p.images_per_s for p in subject.curves[rule]]
         if any(later <= earlier for earlier, later in zip(speeds, speeds[1:], strict=False)):
-            lines += ["", f"Warning: {rule}'s measured img/s does not grow with r here (timing noise)."]
+            lines += [
+                "",
+                f"Warning: {rule}'s measured img/s does not grow with r here (timing noise, or merging "
+                "that costs more than it saves).",
+            ]
     return lines
 
 
@@ -357,11 +443,15 @@ def merge_rules_report(
         "(the mean rescaled to the largest norm of the merged tokens); both use the same matching.",
         "",
         *setup.lines(),
-        "- img/s: at r=0 the median of its timed calls; above, that times the median over rounds of the",
-        "  variant's speed-up over r=0 in the same round (the load of other processes, which drifts over",
-        "  seconds, mostly cancels in a round's ratios). (±x%): half the interquartile range of r=0's",
-        "  calls, and of the per-round speed-ups above r=0, relative to their median. `time / time`:",
-        "  median over rounds of a rule's time over the first rule's at the same r.",
+        f"- img/s: at r=0 the median of its timed calls. {rules[0]} above r=0: that times the median over",
+        "  rounds of its speed-up over r=0 in the same round (ratios within a round: the load of other",
+        "  processes, which drifts over seconds, mostly cancels). Other rules: the first rule's time per",
+        "  batch at the same r plus the extra time of their merge steps, timed alone (one forward",
+        "  pass's merges at that r, interleaved, 10x the rounds; below each table), because the rules",
+        "  differ only there and by less than the whole model's timing noise on this machine.",
+        "  `time / time`: the whole model's time ratio at one r (median over rounds), a check.",
+        "  (±x%): half the interquartile range of r=0's calls, or of the per-round speed-ups, relative",
+        "  to their median.",
     ]
     if floor is not None:
         lines.append(
@@ -374,6 +464,7 @@ def merge_rules_report(
             f"## {subject.title}",
             "",
             *_curve_table(subject, rules),
+            *_costs(subject, rules),
             *_monotony(subject, rules),
             *_comparison_table(subject, rules),
         ]

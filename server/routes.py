@@ -269,7 +269,10 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
     results = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, Result)]
     first = results[0][1]
     return EmbeddingsResponse(
-        data=[_embedding(i, result, params.encoding_format, service) for i, result in results],
+        data=[
+            _embedding(i, result, params.encoding_format, _estimate(service, result, "cosine"))
+            for i, result in results
+        ],
         model=first.model,
         weights=first.weights,
         pooling=params.pooling,
@@ -283,7 +286,7 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
     )
 
 
-def _embedding(index: int, result: Result, encoding: str, service: InferenceService) -> Embedding:
+def _embedding(index: int, result: Result, encoding: str, fidelity: FidelityEstimate | None) -> Embedding:
     vector = result.embedding
     assert vector is not None
     if encoding == "base64":  # what OpenAI's clients decode: little-endian float32
@@ -298,7 +301,7 @@ def _embedding(index: int, result: Result, encoding: str, service: InferenceServ
         merge=result.merge,
         r_auto=result.target_s is not None,
         tokens=EmbeddingTokens(input=result.input_tokens, output=result.output_tokens),
-        fidelity=_estimate(service, result, "cosine"),
+        fidelity=fidelity,
     )
 
 

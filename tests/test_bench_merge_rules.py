@@ -40,8 +40,13 @@ def test_the_other_rule_is_read_at_the_speeds_the_first_reached():
         _point("mlerp", 8, 28, [0.4, 0.2]),
     ]
     # 20 img/s lies a fifth of the way from mlerp's 18 to 28: 0.8 * [0.9, 0.7] + 0.2 * [0.4, 0.2].
-    assert torch.allclose(scores_at_speed(other, 20, "cosine"), torch.tensor([0.8, 0.6]))
-    assert scores_at_speed(other, 29, "cosine") is None  # faster than mlerp was measured
+    assert torch.allclose(scores_at_speed(other, 4, 20, "cosine"), torch.tensor([0.8, 0.6]))
+    assert scores_at_speed(other, 8, 29, "cosine") is None  # faster than mlerp was measured
+    # A noisy curve whose speed falls at r=12: 16 img/s is read between r=8 and r=12, not r=0 and 4.
+    noisy = other + [_point("mlerp", 12, 15, [0.1, 0.1])]
+    assert torch.allclose(
+        scores_at_speed(noisy, 12, 16, "cosine"), torch.tensor([0.4, 0.2]) / 13 + 0.1 * 12 / 13
+    )
     (row,) = compare(base, other, "cosine")  # 30 img/s is out of mlerp's range, r=0 is no comparison
     assert (row.r, row.speed) == (4, 20)
     assert row.diff == pytest.approx(0.0, abs=1e-6) and row.two_se == pytest.approx(0.0, abs=1e-6)
@@ -70,11 +75,19 @@ def test_measure_times_and_scores_every_rule_at_every_r():
     assert all(p.images_per_s > 0 and p.spread >= 0 for p in tome_curve + mlerp_curve)
     assert tome_curve[2].mean("cosine") < 1.0
     assert not torch.equal(tome_curve[2].scores["cosine"], mlerp_curve[2].scores["cosine"])
+    # The other rule's time per batch is the first rule's plus its merge steps' extra time.
+    assert len(subject.costs["mlerp"]) == 2 * 2  # whole-model ratios: rounds x r values above 0
+    merges = subject.merge_seconds
+    for tome_point, mlerp_point in zip(tome_curve[1:], mlerp_curve[1:], strict=True):
+        extra = merges["mlerp"][tome_point.r] - merges["tome"][tome_point.r]
+        assert 4 / mlerp_point.images_per_s == pytest.approx(4 / tome_point.images_per_s + extra)
 
     report = merge_rules_report([subject], tome.MERGE_RULES, SETUP, floor=0.9999)
     assert "| r | tome img/s | mlerp img/s | mlerp time / tome time | tome cosine | mlerp cosine |" in report
     assert "Computed verdict: cosine: " in report and "Computed verdict: recall@1: " in report
     assert "test CPU" in report and "0.9999" in report
+    assert "Merge steps of one forward pass of the batch, ms: r=2: tome " in report
+    assert "mlerp time / tome time pooled over every r > 0 and round (a check): " in report
     curve = dinov2_curve_report(subject, "tome", SETUP)
     assert f"| 4 | {tome.token_counts(17, 4, 4, 1)[-1]} |" in curve
 
