@@ -13,6 +13,7 @@ tome-eval, or shadow runs (``shadow.py``), for a floor that means something.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,16 @@ class CalibrationReport:
 def image_files(folder: Path) -> list[Path]:
     """The image files directly in ``folder`` and below it, by name."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+
+
+def origin(profile: Path | None, folder: Path) -> dict[str, str | None]:
+    """What a fidelity table was measured from: the profile's bytes and the calibration images' names
+    and sizes, each as a digest (server/state.py keeps a table only with its origin)."""
+    images = hashlib.sha256()
+    for path in image_files(folder) if folder.is_dir() else []:
+        images.update(f"{path.relative_to(folder)}:{path.stat().st_size};".encode())
+    profiled = hashlib.sha256(profile.read_bytes()).hexdigest() if profile and profile.is_file() else None
+    return {"profile": profiled, "calibration": f"{folder.resolve()} sha256:{images.hexdigest()}"}
 
 
 def calibrate(

@@ -315,11 +315,13 @@ class FidelityTable:
                 "top1": drop.top1,
                 "top5": drop.top5,
             }
-        model = {**(about or {}), "rows": rows}
+        model = {**(about or {}), "sources": self.sources, "rows": rows}
         return {"format": FORMAT, "confidence": CONFIDENCE, "bounds": BOUNDS, "models": {self.model: model}}
 
     @classmethod
-    def from_json(cls, data: Any, model: str, rs: Sequence[int] = (0,)) -> FidelityTable | None:
+    def from_json(
+        cls, data: Any, model: str, rs: Sequence[int] = (0,), kinds: Sequence[str] = KINDS
+    ) -> FidelityTable | None:
         """The table of ``model`` in ``data`` (what :meth:`to_json` wrote), or None when it has none;
         ValueError, in one line, for anything malformed."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -333,8 +335,12 @@ class FidelityTable:
         rows = entry.get("rows") if isinstance(entry, dict) else None
         if not isinstance(rows, dict):
             raise ValueError(f'{model}: "rows" must be an object keyed by r')
-        table = cls(model, rs)
-        table.about = {key: value for key, value in entry.items() if key != "rows"}
+        table = cls(model, rs, kinds)
+        table.about = {key: value for key, value in entry.items() if key not in ("rows", "sources")}
+        sources = entry.get("sources", {})
+        if not isinstance(sources, dict) or not all(isinstance(n, int) for n in sources.values()):
+            raise ValueError(f'{model}: "sources" must map each source to a count of comparisons')
+        table._sources = {str(name): n for name, n in sources.items()}
         for r_text, kinds in rows.items():
             table._load_row(_r_of(r_text, model), kinds, f"{model} r={r_text}")
         return table

@@ -149,13 +149,21 @@ class Lane:
         self._warm_fidelity(table.rs)
 
     def _warm_fidelity(self, grid: tuple[int, ...]) -> None:
-        """The fidelity table on the timing table's r grid: the profile's rows, then calibration."""
-        settings, model = self.settings, self.model
-        table = FidelityTable(self.name, grid, KINDS if model.num_classes else ("cosine",))
-        if settings.fidelity_profile is not None:
-            self._merge_profile(table, settings.fidelity_profile)
-        if settings.calibration_budget_s > 0:
-            self._calibrate(table)
+        """The fidelity table on the timing table's r grid: from the state folder when it was measured
+        from the same profile and calibration images, else the profile's rows, then calibration."""
+        settings, kinds = self.settings, KINDS if self.model.num_classes else ("cosine",)
+        origin = calibration.origin(settings.fidelity_profile, self._calibration_folder())
+        table = self._saved_fidelity(grid, kinds, origin)
+        if table is None:
+            table = FidelityTable(self.name, grid, kinds)
+            if settings.fidelity_profile is not None:
+                self._merge_profile(table, settings.fidelity_profile)
+            if settings.calibration_budget_s > 0:
+                self._calibrate(table)
+            if self.state is not None:
+                self.state.save()  # what the next start reads, before any shutdown
+        if self.state is not None:
+            self.state.provide("fidelity", lambda: {"origin": origin, "table": table.to_json()})
         self.fidelity = table
         self._fidelity_metrics.serving(self.name)
         if settings.min_fidelity is not None:
@@ -176,11 +184,36 @@ class Lane:
                 self._fidelity_metrics.shadow_runs,
             )
 
+    def _saved_fidelity(
+        self, grid: tuple[int, ...], kinds: tuple[str, ...], origin: dict[str, str | None]
+    ) -> FidelityTable | None:
+        """The state file's fidelity table when it came from ``origin`` (the same profile and
+        calibration images: counting them again would overstate the samples), else None."""
+        saved = self.state.section("fidelity") if self.state is not None else None
+        if saved is None:
+            return None
+        try:
+            if saved.get("origin") != origin:
+                raise ValueError("measured from another profile or other calibration images")
+            table = FidelityTable.from_json(saved.get("table"), self.name, grid, kinds)
+            if table is None:
+                raise ValueError(f"it has no table of {self.name}")
+        except (ValueError, AttributeError) as exc:
+            self.state.discard("fidelity", str(exc))
+            return None
+        log.info(
+            "%s: fidelity table from %s (%s): calibration skipped", self.name, self.state.path, table.sources
+        )
+        return table
+
+    def _calibration_folder(self) -> Path:
+        return self.settings.calibration_dir or calibration.SAMPLES_DIR
+
     def _calibrate(self, table: FidelityTable) -> None:
         settings = self.settings
         if self.model.weights == "random":
             log.warning("%s: random weights: its fidelity says little about a trained model", self.name)
-        folder = settings.calibration_dir or calibration.SAMPLES_DIR
+        folder = self._calibration_folder()
         started = time.monotonic()
         report = calibration.calibrate(
             table,

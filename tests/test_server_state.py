@@ -26,6 +26,9 @@ from tome_serve.config import Settings
 from tome_serve.state import Keeper, LaneState, StateFolder, StateKey, weights_digest
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def key(**changes: object) -> StateKey:
     base = StateKey(
         model="vit_x",
@@ -164,14 +167,19 @@ def test_weights_are_told_apart_by_their_tensors_and_random_ones_by_the_seed():
 
 def serve(state_dir: Path, until: Callable[[], bool] = lambda: True, **changes: object) -> dict:
     """Start the tiny model in-process with ``state_dir``, answer one request, wait ``until``, stop;
-    its /models."""
+    its /models r=auto part."""
+    return served(state_dir, until, **changes)["auto"]
+
+
+def served(state_dir: Path, until: Callable[[], bool] = lambda: True, **changes: object) -> dict:
+    """:func:`serve`, returning the model's whole /models entry."""
     base = {"model_kwargs": TINY_MODEL_KWARGS, "device": "cpu", "dtype": "float32", "auto_warmup_s": 2}
     settings = Settings(model=NAME, weights="random", state_dir=state_dir, **{**base, **changes})
     with TestClient(create_app(settings)) as client:
         wait_until(lambda: is_ready(client), 60, "/readyz 200")
         assert client.post("/classify", content=png()).status_code == 200
         wait_until(until, 60, "the condition")
-        return client.get("/models").json()["models"][0]["auto"]
+        return client.get("/models").json()["models"][0]
 
 
 @pytest.mark.parametrize(
@@ -236,3 +244,26 @@ def test_a_loaded_table_is_measured_again_while_idle_and_saved(tmp_path, caplog)
     assert re.search(r"\d+ cells re-measured while idle: now / saved = [\d.]+ \(median", caplog.text)
     again = json.loads(path.read_text())
     assert again["written"] > first["written"] and again["key"] == first["key"]
+
+
+def test_the_fidelity_table_is_kept_and_not_counted_twice_unless_its_images_changed(tmp_path, caplog):
+    """Calibrating again on the same photos would count each comparison twice and tighten the bounds for
+    nothing; other calibration images make the saved table stale."""
+    first = served(tmp_path)["fidelity"]
+    with caplog.at_level(logging.INFO, logger="tome_serve"):
+        second = served(tmp_path)["fidelity"]
+    assert "calibration skipped" in caplog.text
+    assert second["sources"] == first["sources"] and first["sources"]["calibration"] > 0
+    assert [(row["r"], row["kind"], row["samples"]) for row in second["rows"]] == [
+        (row["r"], row["kind"], row["samples"]) for row in first["rows"]
+    ]
+    assert [row["lower"] for row in second["rows"]] == pytest.approx([row["lower"] for row in first["rows"]])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for sample in sorted((REPO / "server" / "static" / "samples").glob("*.jpg"))[:2]:
+        (photos / sample.name).write_bytes(sample.read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tome_serve"):
+        third = served(tmp_path, calibration_dir=photos)["fidelity"]
+    assert "other calibration images" in caplog.text
+    assert third["sources"]["calibration"] == first["sources"]["calibration"] // 2  # two photos of four
