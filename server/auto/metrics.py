@@ -47,7 +47,7 @@ class AutoMetrics:
         self.outcomes = Counter(
             "tome_auto_requests_total",
             "Auto requests by outcome: met (answered within its target), missed (answered late, or "
-            "504), shed (refused with 429 because even its floor could not meet the target).",
+            "504), shed (refused with 429 because even its auto ceiling could not meet the target).",
             ["model", "outcome"],
             registry=registry,
         )
