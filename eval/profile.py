@@ -1,7 +1,7 @@
 """``tome-eval --profile``: the sweep's per-image comparisons with r=0 as a fidelity profile, which the
 server merges into its fidelity table at start-up (TOME_FIDELITY_PROFILE).
 
-The file is the server's own format (``tome_serve.fidelity.FidelityTable.to_json``): per model and r,
+The file is the server's own format (``tome_runtime.fidelity.FidelityTable.to_json``): per model and r,
 top-1 agreement (with top-5 overlap) and embedding cosine with r=0, each with its samples, mean and
 one-sided 95% lower bound; on a labelled folder also the accuracy drop per r. The images should look
 like the traffic the server will see: the bounds hold for images like these.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tome_serve.fidelity import KINDS, AccuracyDrop, Comparison, FidelityTable
+from tome_runtime.fidelity import KINDS, AccuracyDrop, Comparison, FidelityTable
 
 from .report import write_json
 from .runner import FolderRun

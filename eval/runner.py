@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 import tome
 import tome_bench.timing
-from tome_serve import fidelity
+from tome_runtime import fidelity
 
 from .data import Batch, ImageFiles, batches
 from .metrics import Outputs, Tally, cosine

@@ -24,12 +24,13 @@ Around it: ``__main__.py`` (the CLI and its exit codes), ``config.py`` (settings
 (wiring and life cycle), ``loading.py`` (start-up: each model created, weighted, patched and
 described), ``threads.py`` (the thread plan), ``probes.py`` (health, readiness, metrics),
 ``schemas.py`` (request and response bodies), ``docs.py`` (the API docs, served offline),
-``demo.py`` and ``static/`` (the demo page). Weights, the hub probe and the CPU's facts live in
-``tome_runtime`` (``runtime/``), which tome-eval and tome-bench share without the web stack.
+``demo.py`` and ``static/`` (the demo page). Weights, the hub probe, the CPU's facts and the
+fidelity table live in ``tome_runtime`` (``runtime/``), which tome-eval and tome-bench share without
+the web stack.
 
-Fidelity (how closely answers at r match r=0; a floor instead of an r), beside it:
+Fidelity (how closely answers at r match r=0; a floor instead of an r), beside it; the table itself,
+its bounds and its file format are ``tome_runtime.fidelity``, shared with tome-eval:
 
-- ``fidelity.py``    the table per model: agreement and cosine with r=0, lower bounds, JSON format
 - ``calibration.py`` start-up calibration on a folder of images (TOME_CALIBRATION_DIR)
 - ``shadow.py``      shadow runs of live traffic at r=0, while the model is idle
 - ``fidelity_metrics.py`` the fidelity gauges and the shadow-run counter

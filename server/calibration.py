@@ -1,5 +1,5 @@
 """Start-up calibration: a folder of images, run at r=0 and at every r of the grid, fills a model's
-fidelity table before the first request (``fidelity.py``).
+fidelity table before the first request (``tome_runtime.fidelity``).
 
 The images are TOME_CALIBRATION_DIR's, or the repository's sample photos (server/static/samples), each
 decoded and preprocessed exactly as an upload is (``images.py``). They are run in batches: each batch
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from tome_runtime.fidelity import Comparison, FidelityTable, Outputs, wilson_lower
+
 from .errors import ImageError
-from .fidelity import Comparison, FidelityTable, Outputs, wilson_lower
 from .images import decode_image
 from .loading import LoadedModel
 

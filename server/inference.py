@@ -29,11 +29,11 @@ from typing import Protocol
 import torch
 
 import tome
+from tome_runtime.fidelity import Outputs
 
 from . import pooling
 from .batching import Batch
 from .errors import BatchFailed
-from .fidelity import Outputs
 from .item import Prediction, Result, Want
 from .loading import LoadedModel
 from .metrics import Metrics

@@ -24,13 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from tome_runtime.fidelity import KINDS, FidelityTable, load_profile
+
 from . import calibration, pooling
 from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
 from .auto.recheck import recheck
 from .batching import Batch, Batcher, BatchPlan, BatchPolicy
 from .config import Settings
 from .errors import BadRequest, QueueFull
-from .fidelity import KINDS, FidelityTable, load_profile
 from .fidelity_metrics import FidelityMetrics
 from .inference import ForwardGate, InferenceWorker, Kept
 from .item import Item, QueueKey, Result, Want

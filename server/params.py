@@ -14,7 +14,7 @@ The words for r, used the same way in code, settings, ``/models`` and the README
 - **a request's auto ceiling** (query ``max_r``; ``AutoParams.max_r``): the largest r one auto request
   accepts; above the auto ceiling it is capped to it (the operator's limit wins).
 - **fidelity floor** (``TOME_MIN_FIDELITY``, query ``min_fidelity``; ``AutoParams.floor``): the lowest
-  fidelity lower bound (fidelity.py) an auto request accepts; the higher of the two applies (the
+  fidelity lower bound (tome_runtime.fidelity) an auto request accepts; the higher of the two applies (the
   operator's floor wins). The lane turns it into the request's auto ceiling.
 
 Nothing here knows about HTTP: :class:`ParamError`'s message is the 422's detail and says what is

@@ -16,7 +16,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from . import fidelity
+from tome_runtime import fidelity
+
 from .errors import ServeError
 from .item import Result, Want
 from .lane import Lane

@@ -176,8 +176,8 @@ class InferenceService:
     ) -> list[Result | ServeError]:
         """The request path (see the module docstring): a result per image of ``upload``, in order.
         ``r`` is an integer, "auto", its query text, or None (the model's default r); ``target_ms``,
-        ``max_r`` and ``min_fidelity`` (a floor of fidelity ``kind``, fidelity.py) apply to r=auto only;
-        ``merge`` is the merge rule (None: TOME_DEFAULT_MERGE).
+        ``max_r`` and ``min_fidelity`` (a floor of fidelity ``kind``: tome_runtime.fidelity) apply to
+        r=auto only; ``merge`` is the merge rule (None: TOME_DEFAULT_MERGE).
         ``upload`` as bytes is one image that has arrived already: such a request is still taken while
         draining.
 

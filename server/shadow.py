@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import torch
 from prometheus_client import Counter
 
-from .fidelity import Comparison, FidelityTable, Outputs
+from tome_runtime.fidelity import Comparison, FidelityTable, Outputs
+
 from .inference import Kept
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from tiny import (
 )
 
 from tome_eval.cli import main
+from tome_runtime.fidelity import wilson_lower
 from tome_serve.app import create_app
 from tome_serve.config import Settings
-from tome_serve.fidelity import wilson_lower
 
 
 def test_a_profile_round_trips_from_tome_eval_to_the_server(tmp_path: Path) -> None:

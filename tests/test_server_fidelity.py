@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from tome_serve.fidelity import (
+from tome_runtime.fidelity import (
     Comparison,
     FidelityTable,
     Outputs,

@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from serverutil import TINY_MODEL_KWARGS, metric_value, png
 
+from tome_runtime.fidelity import Comparison, FidelityTable, Outputs
 from tome_serve import calibration
 from tome_serve.app import create_app
 from tome_serve.auto.controller import AutoController, Waiting
 from tome_serve.config import Settings
-from tome_serve.fidelity import Comparison, FidelityTable, Outputs
 from tome_serve.fidelity_metrics import FidelityMetrics
 from tome_serve.inference import Kept
 from tome_serve.item import Result, Want

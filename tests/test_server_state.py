@@ -25,7 +25,6 @@ from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.state import Keeper, LaneState, StateFolder, StateKey, weights_digest
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 
