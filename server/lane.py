@@ -120,23 +120,7 @@ class Lane:
         settings, limits = self.settings, self.model.limits
         self.worker.warm(tuple(sorted({1, settings.max_batch_size})))
         started = time.monotonic()
-        tables = [
-            TimingTable(self.name, limits.auto_ceiling, settings.max_batch_size, merge=rule)
-            for rule in self.merge_rules
-        ]
-        if settings.state_dir is not None:
-            grid = tables[0].rs
-            key = lane_key(self.model, settings, grid, self.worker.instances, self.worker.torch_threads)
-            self.state = LaneState(StateFolder(settings.state_dir), key)
-        saved = self._saved_tables(tables)
-        if saved is not None:
-            tables, self.timings_source = saved, "state"
-        else:
-            self._measure(tables)
-        if self.state is not None:
-            self.state.provide("timings", partial(tables_to_json, tables))
-            if self.timings_source == "measured":
-                self.state.save()
+        tables = self._timing_tables()
         table = tables[0]
         full = table.snapshot().seconds(0, settings.max_batch_size)
         if settings.latency_target_ms is not None:
@@ -160,6 +144,29 @@ class Lane:
             limits.auto_ceiling,
         )
         self._warm_fidelity(table.rs)
+
+    def _timing_tables(self) -> list[TimingTable]:
+        """r=auto's timing table per merge rule, the default rule's first: loaded from the state
+        folder, or measured (and saved there)."""
+        settings = self.settings
+        tables = [
+            TimingTable(self.name, self.model.limits.auto_ceiling, settings.max_batch_size, merge=rule)
+            for rule in self.merge_rules
+        ]
+        if settings.state_dir is not None:
+            grid = tables[0].rs
+            key = lane_key(self.model, settings, grid, self.worker.instances, self.worker.torch_threads)
+            self.state = LaneState(StateFolder(settings.state_dir), key)
+        saved = self._saved_tables(tables)
+        if saved is not None:
+            tables, self.timings_source = saved, "state"
+        else:
+            self._measure(tables)
+        if self.state is not None:
+            self.state.provide("timings", partial(tables_to_json, tables))
+            if self.timings_source == "measured":
+                self.state.save()
+        return tables
 
     def _measure(self, tables: Sequence[TimingTable]) -> None:
         """Warm the timing tables up in turn within TOME_AUTO_WARMUP_S, each with its share."""
@@ -434,15 +441,14 @@ class Lane:
         chooses for the queued requests, and takes as many as it says. The auto queue that names no
         merge rule gets the rule chosen with r (``AutoR.choose_pair``); every other queue runs its
         key's rule (the default one while r=auto is still warming up)."""
-        default = BatchPlan(0 if key.r == AUTO else key.r, None, _named(key) or self.settings.default_merge)
         if key.r != AUTO or self.auto is None:
-            return default
+            return BatchPlan(0 if key.r == AUTO else key.r, None, _named(key) or self.settings.default_merge)
         backlog = self._backlog(key, queued)
         if key.merge != AUTO:
             decision = self.auto.choose(backlog, key.merge)
             return BatchPlan(decision.r, decision.batch_size)
-        size = min(len(backlog), self.settings.max_batch_size)
-        batch = [item.auto for item in queued[:size] if item.auto is not None]
+        # The requests a batch can take: its r and rule must suit each one's auto ceiling per rule.
+        batch = [item.auto for item in queued[: self.settings.max_batch_size] if item.auto is not None]
         ceilings = {rule: min(auto.max_r_by_merge[rule] for auto in batch) for rule in self.merge_rules}
         decision, rule = self.auto.choose_pair(backlog, ceilings, self._lower_bound(batch[0].kind))
         return BatchPlan(decision.r, decision.batch_size, rule)
