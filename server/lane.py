@@ -172,7 +172,7 @@ class Lane:
         """Warm the timing tables up in turn within TOME_AUTO_WARMUP_S, each with its share."""
         started = time.monotonic()
         budget = budget_shares(self.settings.auto_warmup_s, len(tables), lambda: time.monotonic() - started)
-        for table, share in zip(tables, budget, strict=False):
+        for table, share in zip(tables, budget, strict=True):
             table.warm_up(partial(self.worker.time_batch, merge=table.merge), budget_s=share)
 
     def _warm_fidelity(self, grid: tuple[int, ...]) -> None:
@@ -286,9 +286,10 @@ class Lane:
     def _recheck(self, stop: threading.Event) -> None:
         """Each rule's saved table in turn, within TOME_AUTO_WARMUP_S of batch time, each with its share."""
         done: list[Recheck] = []
-        spent = lambda: sum(check.seconds for check in done)  # noqa: E731
-        budget = budget_shares(self.settings.auto_warmup_s, len(self.auto.tables), spent)
-        for (rule, table), share in zip(self.auto.tables.items(), budget, strict=False):
+        budget = budget_shares(
+            self.settings.auto_warmup_s, len(self.auto.tables), lambda: sum(check.seconds for check in done)
+        )
+        for (rule, table), share in zip(self.auto.tables.items(), budget, strict=True):
             done.append(recheck(table, partial(self._backlogged_batch, rule), self._idle, stop, share))
             log.info(
                 "%s: background re-check of the saved timing table of merge rule %s: %s",
