@@ -259,13 +259,19 @@ class FidelityTable:
                 return None
             return self._row(r, kind, running.copy())
 
+    def lower_bound(self, r: int, kind: str, min_samples: int) -> float | None:
+        """The lower bound of ``r`` and ``kind`` when it counts: 1 at r=0, None (unmeasured) with fewer
+        than ``min_samples`` samples, since a bound on so few images says too little to act on."""
+        row = self.estimate(r, kind)
+        if row is None or row.lower is None or (r != 0 and row.samples < min_samples):
+            return None
+        return row.lower
+
     def meets(self, r: int, kind: str, floor: float, min_samples: int) -> bool:
         """r=0 always; another r when it has at least ``min_samples`` samples of ``kind`` and its lower
         bound is at least ``floor``."""
-        if r == 0:
-            return True
-        row = self.estimate(r, kind)
-        return row is not None and row.samples >= min_samples and row.lower is not None and row.lower >= floor
+        lower = self.lower_bound(r, kind, min_samples)
+        return lower is not None and lower >= floor
 
     def ceiling(self, kind: str, floor: float, min_samples: int) -> int:
         """The largest grid r such that every grid r up to it meets ``floor``: r=auto below it never

@@ -18,7 +18,8 @@ model, answered and measured. One file per step:
 - ``errors.py``      every failure as an exception type, and its HTTP answer
 - ``middleware.py``  the request id (set once), the request metrics and the API key
 - ``metrics.py``     the Prometheus metrics
-- ``auto/``          r=auto: the server picks each batch's r to hold a latency target
+- ``auto/``          r=auto: the server picks each batch's r to hold a latency target, and for requests
+  that name no merge rule the rule with it (the best measured fidelity in the same time)
 
 Around it: ``__main__.py`` (the CLI and its exit codes), ``config.py`` (settings), ``app.py``
 (wiring and life cycle), ``loading.py`` (start-up: each model created, weighted, patched and

@@ -1,4 +1,4 @@
-"""Dynamic batching: one bounded queue per (model, r), each turning its items into batches.
+"""Dynamic batching: one bounded queue per (model, r, merge rule), each turning its items into batches.
 
 A :class:`BatchQueue` closes a batch when it holds ``max_batch_size`` items or when its oldest item
 has waited ``batch_wait_timeout_s`` and no item for it is still on its way (reserved while its
@@ -13,10 +13,10 @@ items on their way count against its room, so decoding never piles up beyond it.
 item whose deadline passes while queued fails with :class:`~.errors.DeadlineExceeded` and never
 reaches the runner; an item its caller gave up on (:meth:`Batcher.withdraw`) is dropped the same way.
 
-The queue key and the r of a batch are separate: when a batch is formed, a ``plan`` hook sees the
-queued items and decides the batch's r and how many items it takes (by default: the key's r, and
-up to ``max_batch_size``). A queue whose key's r is a placeholder, with a planner that picks r from
-the items' deadlines, fits the same loop.
+The queue key and the r and merge rule of a batch are separate: when a batch is formed, a ``plan``
+hook sees the queued items and decides the batch's r, its rule and how many items it takes (by
+default: the key's r and rule, and up to ``max_batch_size``). A queue whose key's r (and rule) is a
+placeholder, with a planner that picks them from the items' deadlines, fits the same loop.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class Batch:
     items: list[Item]
     started_at: float
     """``time.monotonic()`` when the batch was formed and handed to the runner."""
+    merge: str
+    """The merge rule this batch runs with."""
 
 
 BatchRunner = Callable[[Batch], Awaitable[None]]
@@ -83,6 +85,8 @@ class BatchPlan(NamedTuple):
     """The r the batch runs at."""
     size: int | None = None
     """Items to take from the head of the queue; None: as many as ``max_batch_size`` allows."""
+    merge: str | None = None
+    """The merge rule the batch runs with; None: the key's."""
 
 
 Planner = Callable[[QueueKey, Sequence[Item]], BatchPlan]
@@ -90,7 +94,7 @@ Planner = Callable[[QueueKey, Sequence[Item]], BatchPlan]
 
 
 def key_plan(key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
-    """The default :data:`Planner`: a batch runs at its queue's r and is as large as allowed."""
+    """The default :data:`Planner`: a batch runs at its queue's r and rule and is as large as allowed."""
     return BatchPlan(key.r)
 
 
@@ -246,13 +250,14 @@ class BatchQueue:
                 live.append(item)
         self._items = live
         items: list[Item] = []
-        r = self.key.r
+        r, merge = self.key.r, self.key.merge
         if live:
-            r, size = self._plan(self.key, tuple(live))
+            r, size, planned = self._plan(self.key, tuple(live))
+            merge = planned or merge
             limit = self._policy.max_batch_size if size is None else min(size, self._policy.max_batch_size)
             items = [live.popleft() for _ in range(min(max(limit, 1), len(live)))]
         self._on_depth(self.key, len(self._items))
-        return Batch(self.key, r, items, now)
+        return Batch(self.key, r, items, now, merge)
 
     async def _run(self, batch: Batch) -> None:
         # A batch formed while another ran waited ready for it: it starts when the previous ends.

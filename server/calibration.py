@@ -1,10 +1,12 @@
-"""Start-up calibration: a folder of images, run at r=0 and at every r of the grid, fills a model's
-fidelity table before the first request (``tome_runtime.fidelity``).
+"""Start-up calibration: a folder of images, run at r=0 and at every r of the grid with every merge
+rule, fills a model's fidelity tables (one per rule) before the first request (``tome_runtime.fidelity``).
 
 The images are TOME_CALIBRATION_DIR's, or the repository's sample photos (server/static/samples), each
 decoded and preprocessed exactly as an upload is (``images.py``). They are run in batches: each batch
-at r=0 (the reference) and then at every grid r in ascending order, so when the budget
-(TOME_CALIBRATION_BUDGET_S) runs out the small r, which a floor reaches first, have the most samples.
+at r=0 (the reference, the same for every rule: r=0 merges nothing) and then at every grid r in
+ascending order, each r with every rule, the default rule first, so when the budget
+(TOME_CALIBRATION_BUDGET_S) runs out the small r, which a floor reaches first, have the most samples,
+and the default rule has at least as many as any other.
 
 Four sample photos give four samples per r: bounds that loose never meet a useful floor, and an r needs
 TOME_FIDELITY_MIN_SAMPLES samples anyway. Bring a folder of images like the traffic, a profile from
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +36,9 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "static" / "samples"
 """The default calibration folder: the demo page's sample photos."""
 SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
-Runner = Callable[[int, list[torch.Tensor]], Outputs]
-"""Runs a batch of preprocessed images at r on an inference thread (``InferenceWorker.outputs``)."""
+Runner = Callable[[int, list[torch.Tensor], str], Outputs]
+"""Runs a batch of preprocessed images at r with a merge rule on an inference thread
+(``InferenceWorker.outputs``)."""
 
 
 @dataclass
@@ -46,7 +49,9 @@ class CalibrationReport:
     runs: int = 0
     """Batches run (r=0 included)."""
     complete: bool = True
-    """Every image ran at every grid r within the budget."""
+    """Every image ran at every grid r with every rule within the budget."""
+    rules: tuple[str, ...] = ()
+    """The merge rules calibrated, the default first."""
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -65,7 +70,7 @@ def origin(profile: Path | None, folder: Path) -> dict[str, str | None]:
 
 
 def calibrate(
-    table: FidelityTable,
+    tables: Mapping[str, FidelityTable],
     run: Runner,
     model: LoadedModel,
     files: Sequence[Path],
@@ -75,26 +80,28 @@ def calibrate(
     max_pixels: int,
     clock: Callable[[], float] = time.monotonic,
 ) -> CalibrationReport:
-    """Fill ``table`` from ``files`` within ``budget_s`` seconds (see the module docstring)."""
-    report = CalibrationReport()
+    """Fill ``tables`` (per merge rule, the default rule's first; one grid) from ``files`` within
+    ``budget_s`` seconds (see the module docstring)."""
+    report = CalibrationReport(rules=tuple(tables))
     deadline = clock() + budget_s
     slowest = 0.0  # the longest batch so far: a batch that would overrun the budget is not started
-    rs = [r for r in table.rs if r > 0]
+    grid = next(iter(tables.values())).rs
+    runs = [(0, report.rules[0])] + [(r, rule) for r in grid if r > 0 for rule in report.rules]
     for pixels in _batches(files, model, max_pixels, batch_size, report):
         reference = None
-        for r in [0, *rs]:
+        for r, rule in runs:
             if clock() + slowest > deadline:
                 report.complete = False
                 return report
             started = clock()
-            outputs = run(r, pixels)
+            outputs = run(r, pixels, rule)
             slowest = max(slowest, clock() - started)
             report.runs += 1
             if reference is None:
                 reference = outputs
                 report.images += len(pixels)
             else:
-                table.add(r, Comparison.of(reference, outputs), "calibration")
+                tables[rule].add(r, Comparison.of(reference, outputs), "calibration")
     return report
 
 
@@ -125,7 +132,7 @@ def describe(
     where = "the sample photos" if folder == SAMPLES_DIR else str(folder)
     text = (
         f"fidelity calibration: {report.images} image(s) from {where} at r=0 and r in "
-        f"{list(grid[1:])} in {seconds:.1f} s"
+        f"{list(grid[1:])} with merge rules {', '.join(report.rules)} in {seconds:.1f} s"
     )
     if not report.complete:
         text += " (budget TOME_CALIBRATION_BUDGET_S reached: the larger r have fewer samples or none)"

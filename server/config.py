@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     default_merge: MergeRule = Field(
         "tome",
         description="merge rule of requests that name none: 'tome' (the paper's size-weighted average) or "
-        "'mlerp' (the average rescaled to the larger norm, ToFu)",
+        "'mlerp' (the average rescaled to the larger norm, ToFu); r=auto requests that name none get the "
+        "rule chosen with r, this one unless another is measured better within the same time",
     )
     max_r: int | None = Field(
         None, ge=0, description="the server's ceiling on r; unset: each model's largest useful r"
@@ -118,8 +119,8 @@ class Settings(BaseSettings):
     auto_warmup_s: float = Field(
         20.0,
         ge=0.0,
-        description="start-up budget per model for measuring r=auto's cost table (0: one batch size "
-        "at r=0; real batches fill in the rest)",
+        description="start-up budget per model for measuring r=auto's cost tables, one per merge rule, "
+        "the default rule's first (0: one batch size at r=0 each; real batches fill in the rest)",
     )
     state_dir: Path | None = Field(
         None,
@@ -129,8 +130,8 @@ class Settings(BaseSettings):
     )
     calibration_dir: Path | None = Field(
         None,
-        description="folder of images run at r=0 and at every r of the grid at start-up to measure "
-        "fidelity; unset: the repository's sample photos (server/static/samples)",
+        description="folder of images run at r=0 and at every r of the grid with every merge rule at "
+        "start-up to measure fidelity; unset: the repository's sample photos (server/static/samples)",
     )
     calibration_budget_s: float = Field(
         10.0, ge=0.0, description="start-up budget per model for fidelity calibration (0: none)"

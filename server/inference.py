@@ -162,7 +162,7 @@ class InferenceWorker:
             [result.queue_s for result in results],
             first.inference_s,
             first.input_tokens - first.output_tokens,
-            batch.key.merge,
+            batch.merge,
         )
         return kept
 
@@ -179,7 +179,7 @@ class InferenceWorker:
             observer.started()
         try:
             pixels = [item.pixels for item in items]
-            out = self._forward(batch.r, pixels, trace, logits, poolings, batch.key.merge)
+            out = self._forward(batch.r, pixels, trace, logits, poolings, batch.merge)
         except BaseException:
             if observer is not None:
                 observer.finished(None)
@@ -202,7 +202,7 @@ class InferenceWorker:
                     model=model.name,
                     weights=model.weights,
                     r=batch.r,
-                    merge=batch.key.merge,
+                    merge=batch.merge,
                     target_s=None if item.auto is None else item.auto.target_s,
                     predictions=predictions,
                     merge_map_png=png,
@@ -269,23 +269,25 @@ class InferenceWorker:
         for future in [self._threads.submit(warm_one) for _ in range(self.instances)]:
             future.result()
 
-    def time_batch(self, r: int, batch_size: int) -> float:
-        """Forward seconds of one dummy batch at ``r`` on an inference thread (r=auto's cost table
-        warm-up, so it measures with the threads' own torch thread count); blocks until done."""
+    def time_batch(self, r: int, batch_size: int, merge: str | None = None) -> float:
+        """Forward seconds of one dummy batch at ``r`` with rule ``merge`` (None: the model's default)
+        on an inference thread (r=auto's cost table warm-up, so it measures with the threads' own
+        torch thread count); blocks until done."""
         pixels = [torch.zeros(self.model.preprocessor.input_size, dtype=torch.uint8)] * batch_size
-        return self._threads.submit(self._forward, r, pixels, False).result().seconds
+        return self._threads.submit(self._forward, r, pixels, False, merge=merge).result().seconds
 
-    def outputs(self, r: int, pixels: list[torch.Tensor]) -> Outputs:
-        """The logits and pooled "model" embedding of ``pixels`` at ``r``, computed on an inference
-        thread (fidelity calibration); blocks until done. No metrics: no request asked for it."""
-        return self._threads.submit(self._outputs, r, pixels).result()
+    def outputs(self, r: int, pixels: list[torch.Tensor], merge: str | None = None) -> Outputs:
+        """The logits and pooled "model" embedding of ``pixels`` at ``r`` with rule ``merge``, computed
+        on an inference thread (fidelity calibration); blocks until done. No metrics: no request asked
+        for it."""
+        return self._threads.submit(self._outputs, r, pixels, merge).result()
 
     async def outputs_async(self, r: int, pixels: list[torch.Tensor]) -> Outputs:
-        """:meth:`outputs` from the event loop (shadow runs)."""
+        """:meth:`outputs` from the event loop (shadow runs, at r=0: the same for every rule)."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, self._outputs, r, pixels)
 
-    def _outputs(self, r: int, pixels: list[torch.Tensor]) -> Outputs:
-        out = self._forward(r, pixels, False, bool(self.model.num_classes), {"model"})
+    def _outputs(self, r: int, pixels: list[torch.Tensor], merge: str | None = None) -> Outputs:
+        out = self._forward(r, pixels, False, bool(self.model.num_classes), {"model"}, merge)
         return self._outputs_of(out)
 
     def close(self) -> None:

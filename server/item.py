@@ -39,13 +39,14 @@ class Want:
 
 class QueueKey(NamedTuple):
     """The queue an item waits in. Batches never mix keys, so every batch has one model and one
-    r and therefore one static shape. The r that a batch runs at is decided when the batch is
-    formed (see ``batching.BatchQueue``); for a fixed r it is the key's r."""
+    r and therefore one static shape. The r and merge rule that a batch runs at are decided when
+    the batch is formed (see ``batching.BatchQueue``); for a fixed r they are the key's."""
 
     model: str
     r: RChoice
     merge: str = "tome"
-    """The merge rule (params.MERGE_RULES): batches never mix rules either."""
+    """The merge rule (params.MERGE_RULES), or AUTO (r=auto requests that name none: the server
+    chooses each batch's rule with its r). A batch runs one rule."""
 
 
 @dataclass(eq=False)
@@ -65,7 +66,7 @@ class Item:
     auto: AutoParams | None = None
     """An r=auto request's latency target and auto ceiling; None for a fixed r."""
     merge: str = "tome"
-    """The merge rule it runs with."""
+    """The merge rule it runs with, or AUTO: its batch's (r=auto naming no rule)."""
     enqueued_at: float = field(default_factory=time.monotonic)
     """When it joined its queue (set again by the queue)."""
 

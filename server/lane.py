@@ -1,15 +1,16 @@
 """One served model, one object: its :class:`Lane` holds the loaded model, its inference worker (the
 threads that run its batches), its queues and how their batches are planned and run, its r=auto
-with the measured timing table and latency target, its fidelity table (with calibration and shadow
-runs) from which a fidelity floor becomes a request's auto ceiling, and its file in the state folder
-(state.py).
+with a measured timing table per merge rule and the latency target, its fidelity table per merge
+rule (with calibration and shadow runs) from which a fidelity floor becomes a request's auto
+ceiling, and its file in the state folder (state.py).
 
 The service looks a model's lane up by name and leaves everything model-specific to it: checking a
 request against the model (:meth:`Lane.admit`), refusing it while its queue has no room or r=auto
 cannot meet its target (:meth:`Lane.check_room`), and queueing its decoded image (:meth:`Lane.submit`).
-The batcher's hooks point here: a batch is planned by :meth:`_plan` (a fixed r, or r=auto's choice)
-and run by :meth:`_run_batch`, which hands r=auto the batch's ticket (every batch, fixed r too, takes
-the same inference threads).
+The batcher's hooks point here: a batch is planned by :meth:`_plan` (a fixed r, r=auto's choice of r,
+or for r=auto requests that name no merge rule its choice of r and rule) and run by
+:meth:`_run_batch`, which hands r=auto the batch's ticket (every batch, fixed r too, takes the same
+inference threads).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +30,8 @@ from tome_runtime.fidelity import KINDS, FidelityTable, load_profile
 
 from . import calibration, pooling
 from .auto import AutoMetrics, AutoR, Overloaded, TimingTable, Waiting
-from .auto.recheck import recheck
+from .auto.recheck import Recheck, recheck
+from .auto.timings import budget_shares, tables_from_json, tables_to_json
 from .batching import Batch, Batcher, BatchPlan, BatchPolicy
 from .config import Settings
 from .errors import BadRequest, QueueFull
@@ -37,7 +40,7 @@ from .inference import ForwardGate, InferenceWorker, Kept
 from .item import Item, QueueKey, Result, Want
 from .loading import LoadedModel, StartupError
 from .metrics import Metrics
-from .params import AUTO, AutoParams, ParamError, auto_params, merge_rule, top_k
+from .params import AUTO, MERGE_RULES, AutoParams, ParamError, auto_params, default_first, merge_rule, top_k
 from .shadow import Shadow
 from .state import Keeper, LaneState, StateFolder, lane_key
 from .threads import ThreadPlan
@@ -87,8 +90,8 @@ class Lane:
         """This lane's file in TOME_STATE_DIR (None when unset)."""
         self._keeper: Keeper | None = None
         self._fidelity_metrics = fidelity_metrics
-        self.fidelity: FidelityTable | None = None
-        """Set by :meth:`warm`."""
+        self.fidelity: dict[str, FidelityTable] | None = None
+        """Per merge rule (:attr:`merge_rules`); set by :meth:`warm`."""
         self.shadow: Shadow | None = None
         """Set by :meth:`warm` when TOME_SHADOW_RATE > 0."""
         self._running, self._last_request = 0, 0.0
@@ -100,6 +103,11 @@ class Lane:
         return self.model.name
 
     @property
+    def merge_rules(self) -> tuple[str, ...]:
+        """Every merge rule, the default (TOME_DEFAULT_MERGE) first: the order they are measured in."""
+        return default_first(self.settings.default_merge)
+
+    @property
     def default_kind(self) -> str:
         """The fidelity kind of a request that names none: agreement for a classifier, else cosine."""
         return "agreement" if self.model.num_classes else "cosine"
@@ -107,40 +115,29 @@ class Lane:
     # -- start-up (on the loading thread) ---------------------------------------------------------
 
     def warm(self) -> None:
-        """Run a batch of every size, then take r=auto's timing table from the state folder or measure
-        it within TOME_AUTO_WARMUP_S, and set the latency target. Blocks; runs before /readyz turns 200."""
+        """Run a batch of every size, then take r=auto's timing tables (one per merge rule) from the
+        state folder or measure them within TOME_AUTO_WARMUP_S, and set the latency target. Blocks;
+        runs before /readyz turns 200."""
         settings, limits = self.settings, self.model.limits
         self.worker.warm(tuple(sorted({1, settings.max_batch_size})))
         started = time.monotonic()
-        table = TimingTable(
-            self.name, limits.auto_ceiling, settings.max_batch_size, merge=settings.default_merge
-        )
-        if settings.state_dir is not None:
-            key = lane_key(self.model, settings, table.rs, self.worker.instances, self.worker.torch_threads)
-            self.state = LaneState(StateFolder(settings.state_dir), key)
-        saved = self._saved_table(table)
-        if saved is not None:
-            table, cells, self.timings_source = saved, len(saved.to_json()["cells"]), "state"
-        else:
-            cells = table.warm_up(self.worker.time_batch, budget_s=settings.auto_warmup_s)
-        if self.state is not None:
-            self.state.provide("timings", table.to_json)
-            if self.timings_source == "measured":
-                self.state.save()
+        tables = self._timing_tables()
+        table = tables[0]
         full = table.snapshot().seconds(0, settings.max_batch_size)
         if settings.latency_target_ms is not None:
             self.target_ms = settings.latency_target_ms
         else:  # two full batches at r=0: one running plus one's own (docs/r-auto.md)
             self.target_ms = min(math.ceil(2 * full * 1000 / 10) * 10, settings.request_timeout_ms)
-        self.auto = AutoR(table, limits.auto_ceiling, self.worker.instances, self._auto_metrics)
+        self.auto = AutoR(tables, limits.auto_ceiling, self.worker.instances, self._auto_metrics)
         self._auto_metrics.target.labels(self.name).set(self.target_ms / 1000.0)
         log.info(
-            "%s: r=auto timing table: %d cells %s in %.1f s (r=0, batch %d: %.0f ms); latency target "
-            "%g ms%s; auto ceiling %d",
+            "%s: r=auto timing table: %d cells %s in %.1f s (%s; r=0, batch %d: %.0f ms); latency "
+            "target %g ms%s; auto ceiling %d",
             self.name,
-            cells,
+            sum(t.measured for t in tables),
             "measured" if self.timings_source == "measured" else f"loaded from {self.state.path}",
             time.monotonic() - started,
+            ", ".join(f"{t.merge} {t.measured}" for t in tables),
             settings.max_batch_size,
             full * 1000,
             self.target_ms,
@@ -149,26 +146,63 @@ class Lane:
         )
         self._warm_fidelity(table.rs)
 
+    def _timing_tables(self) -> list[TimingTable]:
+        """r=auto's timing table per merge rule, the default rule's first: loaded from the state
+        folder, or measured (and saved there)."""
+        settings = self.settings
+        tables = [
+            TimingTable(self.name, self.model.limits.auto_ceiling, settings.max_batch_size, merge=rule)
+            for rule in self.merge_rules
+        ]
+        if settings.state_dir is not None:
+            grid = tables[0].rs
+            key = lane_key(self.model, settings, grid, self.worker.instances, self.worker.torch_threads)
+            self.state = LaneState(StateFolder(settings.state_dir), key)
+        saved = self._saved_tables(tables)
+        if saved is not None:
+            tables, self.timings_source = saved, "state"
+        else:
+            self._measure(tables)
+        if self.state is not None:
+            self.state.provide("timings", partial(tables_to_json, tables))
+            if self.timings_source == "measured":
+                self.state.save()
+        return tables
+
+    def _measure(self, tables: Sequence[TimingTable]) -> None:
+        """Warm the timing tables up in turn within TOME_AUTO_WARMUP_S, each with its share."""
+        started = time.monotonic()
+        budget = budget_shares(self.settings.auto_warmup_s, len(tables), lambda: time.monotonic() - started)
+        for table, share in zip(tables, budget, strict=True):
+            table.warm_up(partial(self.worker.time_batch, merge=table.merge), budget_s=share)
+
     def _warm_fidelity(self, grid: tuple[int, ...]) -> None:
-        """The fidelity table on the timing table's r grid: from the state folder when it was measured
-        from the same profile and calibration images, else the profile's rows, then calibration."""
-        settings, kinds = self.settings, KINDS if self.model.num_classes else ("cosine",)
+        """The fidelity tables (one per merge rule) on the timing tables' r grid: from the state folder
+        when they were measured from the same profile and calibration images, else the profile's rows,
+        then calibration."""
+        settings, model = self.settings, self.model
+        kinds = KINDS if model.num_classes else ("cosine",)
         origin = calibration.origin(settings.fidelity_profile, self._calibration_folder())
-        table = self._saved_fidelity(grid, kinds, origin)
-        if table is None:
-            table = FidelityTable(self.name, grid, kinds)
+        tables = self._saved_fidelity(grid, kinds, origin)
+        if tables is None:
+            tables = {rule: FidelityTable(self.name, grid, kinds) for rule in self.merge_rules}
             if settings.fidelity_profile is not None:
-                self._merge_profile(table, settings.fidelity_profile)
+                self._merge_profile(tables, settings.fidelity_profile)
             if settings.calibration_budget_s > 0:
-                self._calibrate(table)
+                self._calibrate(tables)
             if self.state is not None:
                 self.state.save()  # what the next start reads, before any shutdown
         if self.state is not None:
-            self.state.provide("fidelity", lambda: {"origin": origin, "table": table.to_json()})
-        self.fidelity = table
+            self.state.provide(
+                "fidelity", lambda: {"origin": origin, "tables": {r: t.to_json() for r, t in tables.items()}}
+            )
+        self.fidelity = tables
         self._fidelity_metrics.serving(self.name)
         if settings.min_fidelity is not None:
-            ceilings = {kind: self.fidelity_ceiling(kind, settings.min_fidelity) for kind in table.kinds}
+            ceilings = {
+                rule: {kind: self.fidelity_ceiling(kind, settings.min_fidelity, rule) for kind in kinds}
+                for rule in tables
+            }
             log.info(
                 "%s: TOME_MIN_FIDELITY=%g: r=auto chooses r up to %s",
                 self.name,
@@ -179,7 +213,7 @@ class Lane:
             self.shadow = Shadow(
                 self.name,
                 settings.shadow_rate,
-                table,
+                tables,
                 lambda pixels: self.worker.outputs_async(0, pixels),
                 self.busy,
                 self._fidelity_metrics.shadow_runs,
@@ -187,8 +221,8 @@ class Lane:
 
     def _saved_fidelity(
         self, grid: tuple[int, ...], kinds: tuple[str, ...], origin: dict[str, str | None]
-    ) -> FidelityTable | None:
-        """The state file's fidelity table when it came from ``origin`` (the same profile and
+    ) -> dict[str, FidelityTable] | None:
+        """The state file's fidelity tables when they came from ``origin`` (the same profile and
         calibration images: counting them again would overstate the samples), else None."""
         saved = self.state.section("fidelity") if self.state is not None else None
         if saved is None:
@@ -196,28 +230,30 @@ class Lane:
         try:
             if saved.get("origin") != origin:
                 raise ValueError("measured from another profile or other calibration images")
-            table = FidelityTable.from_json(saved.get("table"), self.name, grid, kinds)
-            if table is None:
+            tables = {
+                rule: FidelityTable.from_json(saved["tables"][rule], self.name, grid, kinds)
+                for rule in self.merge_rules
+            }
+            if None in tables.values():
                 raise ValueError(f"it has no table of {self.name}")
-        except (ValueError, AttributeError) as exc:
-            self.state.discard("fidelity", str(exc))
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+            self.state.discard("fidelity", f"{type(exc).__name__}: {exc}")
             return None
-        log.info(
-            "%s: fidelity table from %s (%s): calibration skipped", self.name, self.state.path, table.sources
-        )
-        return table
+        sources = {rule: table.sources for rule, table in tables.items()}
+        log.info("%s: fidelity tables from %s (%s): calibration skipped", self.name, self.state.path, sources)
+        return tables
 
     def _calibration_folder(self) -> Path:
         return self.settings.calibration_dir or calibration.SAMPLES_DIR
 
-    def _calibrate(self, table: FidelityTable) -> None:
+    def _calibrate(self, tables: Mapping[str, FidelityTable]) -> None:
         settings = self.settings
         if self.model.weights == "random":
             log.warning("%s: random weights: its fidelity says little about a trained model", self.name)
         folder = self._calibration_folder()
         started = time.monotonic()
         report = calibration.calibrate(
-            table,
+            tables,
             self.worker.outputs,
             self.model,
             calibration.image_files(folder),
@@ -226,12 +262,16 @@ class Lane:
             max_pixels=settings.max_pixels,
         )
         seconds = time.monotonic() - started
-        detail = calibration.describe(report, folder, table.rs, seconds, settings.fidelity_min_samples)
+        grid = tables[self.settings.default_merge].rs
+        detail = calibration.describe(report, folder, grid, seconds, settings.fidelity_min_samples)
         log.info("%s: %s", self.name, detail)
 
-    def _merge_profile(self, table: FidelityTable, path: Path) -> None:
+    def _merge_profile(self, tables: Mapping[str, FidelityTable], path: Path) -> None:
+        """The profile's rows into the table of the merge rule it names (``merge`` beside its rows;
+        tome-eval measures with the library's default rule, the first of MERGE_RULES)."""
+        grid = tables[self.settings.default_merge].rs
         try:
-            profile = load_profile(path, self.name, table.rs)
+            profile = load_profile(path, self.name, grid)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         if profile is None:
@@ -245,34 +285,34 @@ class Lane:
                 weights,
                 self.model.weights,
             )
-        table.merge(profile, "profile", r_max=self.model.limits.ceiling)
-        log.info("%s: fidelity profile %s merged in (%s)", self.name, path, profile.sources)
+        rule = profile.about.get("merge", MERGE_RULES[0])
+        if rule not in tables:
+            raise StartupError(f"TOME_FIDELITY_PROFILE {path}: unknown merge rule {rule!r}")
+        tables[rule].merge(profile, "profile", r_max=self.model.limits.ceiling)
+        log.info("%s: fidelity profile %s merged in (%s: %s)", self.name, path, rule, profile.sources)
 
-    def fidelity_ceiling(self, kind: str, floor: float) -> int:
-        """The largest grid r such that every grid r up to it meets ``floor`` for ``kind`` (0 before
-        the table exists): the auto ceiling a floor allows."""
+    def fidelity_ceiling(self, kind: str, floor: float, merge: str | None = None) -> int:
+        """The largest grid r such that every grid r up to it meets ``floor`` for ``kind`` with merge
+        rule ``merge`` (None: the default; 0 before the tables exist): the auto ceiling a floor allows."""
         if self.fidelity is None:
             return 0
-        return self.fidelity.ceiling(kind, floor, self.settings.fidelity_min_samples)
+        table = self.fidelity[merge or self.settings.default_merge]
+        return table.ceiling(kind, floor, self.settings.fidelity_min_samples)
 
     def busy(self) -> bool:
         """Live work is queued, on its way (decoding) or running."""
         return self._running > 0 or self.batcher.pending() > 0
 
-    def _saved_table(self, like: TimingTable) -> TimingTable | None:
-        """The state file's timing table, if it has one on the grid of ``like``."""
+    def _saved_tables(self, like: Sequence[TimingTable]) -> list[TimingTable] | None:
+        """The state file's timing tables, if it has one per merge rule on the grid of ``like``."""
         saved = self.state.section("timings") if self.state is not None else None
         if saved is None:
             return None
         try:
-            table = TimingTable.from_json(saved)
-            if (table.rs, table.max_batch, table.merge) != (like.rs, like.max_batch, like.merge):
-                grid = f"r {table.rs}, batch 1..{table.max_batch}, merge rule {table.merge}"
-                raise ValueError(f"its grid is {grid}: not this lane's")
+            return tables_from_json(saved, like)
         except ValueError as exc:
             self.state.discard("timings", str(exc))
             return None
-        return table
 
     def keep_state(self) -> None:
         """Once the server is ready: re-check a loaded table while idle, and save the state every few
@@ -283,17 +323,30 @@ class Lane:
         self._keeper.start()
 
     def _recheck(self, stop: threading.Event) -> None:
-        table, budget_s = self.auto.table, self.settings.auto_warmup_s
-        done = recheck(table, self._backlogged_batch, self._idle, stop, budget_s)
-        log.info("%s: background re-check of the saved timing table: %s", self.name, done.describe())
+        """Each rule's saved table in turn, within TOME_AUTO_WARMUP_S of batch time, each with its share."""
+        done: list[Recheck] = []
+        budget = budget_shares(
+            self.settings.auto_warmup_s, len(self.auto.tables), lambda: sum(check.seconds for check in done)
+        )
+        for (rule, table), share in zip(self.auto.tables.items(), budget, strict=True):
+            done.append(recheck(table, partial(self._backlogged_batch, rule), self._idle, stop, share))
+            log.info(
+                "%s: background re-check of the saved timing table of merge rule %s: %s",
+                self.name,
+                rule,
+                done[-1].describe(),
+            )
+            if done[-1].stopped:
+                return
 
-    def _backlogged_batch(self, r: int, batch_size: int) -> float:
-        """A dummy batch timed on an inference thread, in r=auto's backlog like a real one."""
-        ticket = self.auto.handed(r, batch_size)
+    def _backlogged_batch(self, merge: str, r: int, batch_size: int) -> float:
+        """A dummy batch with rule ``merge`` timed on an inference thread, in r=auto's backlog like a
+        real one."""
+        ticket = self.auto.handed(r, batch_size, merge)
         ticket.started()
         seconds: float | None = None
         try:
-            seconds = self.worker.time_batch(r, batch_size)
+            seconds = self.worker.time_batch(r, batch_size, merge)
             return seconds
         finally:
             ticket.finished(seconds)  # None (it failed): out of the backlog, nothing learnt
@@ -334,8 +387,9 @@ class Lane:
                 default_floor=settings.min_fidelity,
             )
             want = self._resolve(want)
-            rule = merge_rule(merge, settings.default_merge)
-            auto = self._apply_floor(auto, kind or self.default_kind)
+            # r=auto naming no rule: the server chooses the rule with r, per batch (auto/pareto.py).
+            rule = AUTO if chosen == AUTO and merge is None else merge_rule(merge, settings.default_merge)
+            auto = self._apply_floor(auto, kind or self.default_kind, rule)
         except ParamError as exc:
             raise BadRequest(str(exc)) from None
         loop, deadline = asyncio.get_running_loop(), arrived + settings.request_timeout_s
@@ -344,13 +398,18 @@ class Lane:
             for _ in range(count)
         ]
 
-    def _apply_floor(self, auto: AutoParams | None, kind: str) -> AutoParams | None:
-        """The request's auto ceiling lowered to the largest r whose fidelity meets its floor."""
-        if auto is None or auto.floor is None:
-            return auto
-        if kind not in KINDS or (kind == "agreement" and not self.model.num_classes):
-            raise ParamError(f"{self.name} has no fidelity of kind {kind!r}")
-        return dataclasses.replace(auto, max_r=min(auto.max_r, self.fidelity_ceiling(kind, auto.floor)))
+    def _apply_floor(self, auto: AutoParams | None, kind: str, rule: str) -> AutoParams | None:
+        """The request's auto ceiling per merge rule, lowered to the largest r whose fidelity with that
+        rule meets its floor; its ``max_r`` is that of its ``rule`` (the default's for AUTO)."""
+        if auto is None:
+            return None
+        ceilings = dict.fromkeys(self.merge_rules, auto.max_r)
+        if auto.floor is not None:
+            if kind not in KINDS or (kind == "agreement" and not self.model.num_classes):
+                raise ParamError(f"{self.name} has no fidelity of kind {kind!r}")
+            ceilings = {m: min(c, self.fidelity_ceiling(kind, auto.floor, m)) for m, c in ceilings.items()}
+        own = self.settings.default_merge if rule == AUTO else rule
+        return dataclasses.replace(auto, max_r=ceilings[own], kind=kind, max_r_by_merge=ceilings)
 
     def _resolve(self, want: Want) -> Want:
         if want.pooling is not None and (why := pooling.unavailable(self.model.module, want.pooling)):
@@ -376,7 +435,7 @@ class Lane:
             return
         ahead = self._backlog(key, self.batcher.queued(key)) + [item.waiting for item in items[:-1]]
         try:
-            self.auto.admit(ahead, waiting)
+            self.auto.admit(ahead, waiting, _named(key))
         except Overloaded as exc:
             floor = items[-1].auto.floor if items[-1].auto is not None else None
             which = "" if floor is None else f" (fidelity floor {floor:g})"
@@ -419,11 +478,32 @@ class Lane:
 
     def _plan(self, key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
         """A fixed-r queue's batch runs at its r; an auto queue's batch at the r the controller
-        chooses for the queued requests, and takes as many as it says."""
+        chooses for the queued requests, and takes as many as it says. The auto queue that names no
+        merge rule gets the rule chosen with r (``AutoR.choose_pair``); every other queue runs its
+        key's rule (the default one while r=auto is still warming up)."""
         if key.r != AUTO or self.auto is None:
-            return BatchPlan(0 if key.r == AUTO else key.r)
-        decision = self.auto.choose(self._backlog(key, queued))
-        return BatchPlan(decision.r, decision.batch_size)
+            return BatchPlan(0 if key.r == AUTO else key.r, None, _named(key) or self.settings.default_merge)
+        backlog = self._backlog(key, queued)
+        if key.merge != AUTO:
+            decision = self.auto.choose(backlog, key.merge)
+            return BatchPlan(decision.r, decision.batch_size)
+        # The requests a batch can take: its r and rule must suit each one's auto ceiling per rule.
+        batch = [item.auto for item in queued[: self.settings.max_batch_size] if item.auto is not None]
+        ceilings = {rule: min(auto.max_r_by_merge[rule] for auto in batch) for rule in self.merge_rules}
+        decision, rule = self.auto.choose_pair(backlog, ceilings, self._lower_bound(batch[0].kind))
+        return BatchPlan(decision.r, decision.batch_size, rule)
+
+    def _lower_bound(self, kind: str | None) -> Callable[[int, str], float | None]:
+        """The measured fidelity lower bound of (r, rule) in ``kind`` (None: the model's), as r=auto's
+        choice of rule reads it (``fidelity.FidelityTable.lower_bound``)."""
+        tables, min_samples = self.fidelity or {}, self.settings.fidelity_min_samples
+        kind = kind or self.default_kind
+
+        def lower(r: int, rule: str) -> float | None:
+            table = tables.get(rule)
+            return None if table is None else table.lower_bound(r, kind, min_samples)
+
+        return lower
 
     def _backlog(self, key: QueueKey, queued: Sequence[Item]) -> list[Waiting]:
         """What r=auto plans for: the queued requests of ``key``, oldest first, then those still
@@ -441,12 +521,12 @@ class Lane:
             self._running -= 1
             self._last_request = time.monotonic()
         if self.shadow is not None:
-            self.shadow.offer(batch.r, kept)
+            self.shadow.offer(batch.r, batch.merge, kept)
 
     async def _run_on_worker(self, batch: Batch, keep: frozenset[int]) -> list[Kept]:
         if self.auto is None:  # only while warming up
             return await self.worker.run(batch, keep=keep)
-        ticket = self.auto.handed(batch.r, len(batch.items), batch.key.merge)
+        ticket = self.auto.handed(batch.r, len(batch.items), batch.merge)
         try:
             return await self.worker.run(batch, ticket, keep)
         finally:
@@ -461,3 +541,8 @@ class Lane:
         if self.shadow is not None:
             await self.shadow.close()
         self.worker.close()
+
+
+def _named(key: QueueKey) -> str | None:
+    """The merge rule ``key``'s requests named, None when the server chooses it (AUTO)."""
+    return None if key.merge == AUTO else key.merge

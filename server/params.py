@@ -14,8 +14,12 @@ The words for r, used the same way in code, settings, ``/models`` and the README
 - **a request's auto ceiling** (query ``max_r``; ``AutoParams.max_r``): the largest r one auto request
   accepts; above the auto ceiling it is capped to it (the operator's limit wins).
 - **fidelity floor** (``TOME_MIN_FIDELITY``, query ``min_fidelity``; ``AutoParams.floor``): the lowest
-  fidelity lower bound (tome_runtime.fidelity) an auto request accepts; the higher of the two applies (the
-  operator's floor wins). The lane turns it into the request's auto ceiling.
+  fidelity lower bound (tome_runtime.fidelity) an auto request accepts; the higher of the two applies
+  (the operator's floor wins). The lane turns it into the request's auto ceiling, one per merge rule
+  (``AutoParams.max_r_by_merge``): each rule has its own fidelity table.
+- **merge rule** (query or body ``merge``, ``TOME_DEFAULT_MERGE``): how merged tokens combine. A fixed-r
+  request that names none gets the default; an r=auto request that names none gets :data:`AUTO`: the
+  server chooses the rule with r, per batch (server/auto/pareto.py).
 
 Nothing here knows about HTTP: :class:`ParamError`'s message is the 422's detail and says what is
 allowed.
@@ -24,11 +28,13 @@ allowed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 AUTO: Literal["auto"] = "auto"
-"""r chosen by the server per batch; also the r of the queue that r=auto requests share."""
+"""r (or the merge rule) chosen by the server per batch; also the r (the rule) of the queue that r=auto
+requests (naming no rule) share."""
 
 RChoice = int | Literal["auto"]
 
@@ -36,6 +42,12 @@ MergeRule = Literal["tome", "mlerp"]
 """How merged tokens combine: ``tome.MERGE_RULES``, named here too so that settings can be checked
 before the library (and the model hub client with it) is imported; a test keeps the two equal."""
 MERGE_RULES: tuple[str, ...] = get_args(MergeRule)
+
+
+def default_first(default: str) -> tuple[str, ...]:
+    """:data:`MERGE_RULES` with ``default`` first: the order a lane measures them in."""
+    return (default, *(rule for rule in MERGE_RULES if rule != default))
+
 
 DEFAULT_TOP_K = 5
 
@@ -114,9 +126,15 @@ class AutoParams:
     """Its latency target."""
     max_r: int
     """Its auto ceiling, already capped at the model's auto ceiling (and, once the lane applied it, at
-    the largest r that meets ``floor``)."""
+    the largest r that meets ``floor`` with the rule r=auto plans it for: its own, or the default
+    when the server chooses the rule)."""
     floor: float | None = None
     """Its fidelity floor: the larger of TOME_MIN_FIDELITY and its ``min_fidelity``; None: none."""
+    kind: str | None = None
+    """The fidelity kind its floor and its choice of rule are judged in (set by the lane)."""
+    max_r_by_merge: Mapping[str, int] = field(default_factory=dict)
+    """Per merge rule, its auto ceiling under ``floor`` in that rule's fidelity table (set by the lane):
+    the pairs (r, rule) the server may choose for it."""
 
 
 def auto_params(

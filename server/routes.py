@@ -36,6 +36,7 @@ from .schemas import (
     FidelityRow,
     ItemError,
     MeasuredTiming,
+    MergeRuleFidelity,
     ModelInfo,
     ModelsResponse,
     Prediction,
@@ -333,6 +334,7 @@ def _model_info(lane: Lane, default: bool, service: InferenceService) -> ModelIn
         r_max=limits.ceiling,
         useful_r=limits.useful,
         default_r=limits.default,
+        default_merge=lane.settings.default_merge,
         input_size=list(model.preprocessor.input_size),
         patch_size=list(model.patch_size),
         input_tokens=model.num_tokens,
@@ -352,35 +354,52 @@ def _auto_info(lane: Lane) -> AutoInfo | None:
     if lane.auto is None:
         return None
     gmacs = {c.r: c.gmacs for c in lane.model.costs}
+    by_merge = {
+        rule: [MeasuredTiming(**row) for row in table.describe(gmacs)]
+        for rule, table in lane.auto.tables.items()
+    }
     return AutoInfo(
         target_ms=lane.target_ms,
         max_r=lane.model.limits.auto_ceiling,
-        timings=[MeasuredTiming(**row) for row in lane.auto.table.describe(gmacs)],
+        timings=by_merge[lane.settings.default_merge],
         timings_source=lane.timings_source,
+        timings_by_merge=by_merge,
     )
 
 
 def _fidelity_info(lane: Lane) -> FidelityInfo | None:
-    table, floor = lane.fidelity, lane.settings.min_fidelity
-    if table is None:
+    if lane.fidelity is None:
         return None
-    ceilings = None if floor is None else {kind: lane.fidelity_ceiling(kind, floor) for kind in table.kinds}
+    by_merge = {rule: _merge_rule_fidelity(lane, rule) for rule in lane.fidelity}
     return FidelityInfo(
-        floor=floor,
+        **by_merge[lane.settings.default_merge].model_dump(),
+        floor=lane.settings.min_fidelity,
         min_samples=lane.settings.fidelity_min_samples,
         bounds=fidelity.BOUNDS,
-        sources=table.sources,
-        max_r_at_floor=ceilings,
         shadow_rate=lane.settings.shadow_rate,
-        rows=[_fidelity_row(lane, entry, floor) for entry in table.rows()],
+        by_merge=by_merge,
     )
 
 
-def _fidelity_row(lane: Lane, entry: fidelity.FidelityRow, floor: float | None) -> FidelityRow:
+def _merge_rule_fidelity(lane: Lane, rule: str) -> MergeRuleFidelity:
+    table, floor = lane.fidelity[rule], lane.settings.min_fidelity
+    ceilings = None
+    if floor is not None:
+        ceilings = {kind: lane.fidelity_ceiling(kind, floor, rule) for kind in table.kinds}
+    return MergeRuleFidelity(
+        sources=table.sources,
+        max_r_at_floor=ceilings,
+        rows=[_fidelity_row(lane, table, entry, floor) for entry in table.rows()],
+    )
+
+
+def _fidelity_row(
+    lane: Lane, table: fidelity.FidelityTable, entry: fidelity.FidelityRow, floor: float | None
+) -> FidelityRow:
     drop = entry.accuracy_drop
     meets = None
-    if floor is not None and lane.fidelity is not None:
-        meets = lane.fidelity.meets(entry.r, entry.kind, floor, lane.settings.fidelity_min_samples)
+    if floor is not None:
+        meets = table.meets(entry.r, entry.kind, floor, lane.settings.fidelity_min_samples)
     return FidelityRow(
         r=entry.r,
         kind=entry.kind,
@@ -394,9 +413,9 @@ def _fidelity_row(lane: Lane, entry: fidelity.FidelityRow, floor: float | None) 
 
 
 def _estimate(service: InferenceService, result: Result, kind: str) -> FidelityEstimate | None:
-    """The fidelity of the r ``result`` was computed at; None while unmeasured."""
-    table = service.lanes[result.model].fidelity
-    row = None if table is None else table.estimate(result.r, kind)
+    """The fidelity of the r and merge rule ``result`` was computed at; None while unmeasured."""
+    tables = service.lanes[result.model].fidelity
+    row = None if tables is None else tables[result.merge].estimate(result.r, kind)
     if row is None or row.mean is None or row.lower is None:
         return None
     return FidelityEstimate(r=row.r, kind=row.kind, samples=row.samples, mean=row.mean, lower=row.lower)

@@ -89,6 +89,11 @@ class AutoInfo(BaseModel):
         description="'measured' at this start, or 'state': loaded from TOME_STATE_DIR (re-checked in the "
         "background while idle)"
     )
+    timings_by_merge: dict[str, list[MeasuredTiming]] = Field(
+        description="The measured timing table of every merge rule (timings is the default rule's). r=auto "
+        "requests that name no rule get the (r, rule) pair chosen from these and the fidelity: see "
+        "docs/r-auto.md"
+    )
 
 
 class AccuracyDrop(BaseModel):
@@ -112,18 +117,28 @@ class FidelityRow(BaseModel):
     )
 
 
-class FidelityInfo(BaseModel):
-    floor: float | None = Field(description="TOME_MIN_FIDELITY, in each request's own kind; null: none")
-    min_samples: int = Field(description="Samples an r needs to meet a floor (TOME_FIDELITY_MIN_SAMPLES)")
-    bounds: dict[str, str] = Field(description="How each kind's lower bound is computed")
+class MergeRuleFidelity(BaseModel):
+    """The fidelity table of one merge rule."""
+
     sources: dict[str, int] = Field(
         description="Comparisons with r=0 per source (calibration, profile, shadow); an image at n r counts n"
     )
     max_r_at_floor: dict[str, int] | None = Field(
         description="Per kind, the largest r r=auto may choose under TOME_MIN_FIDELITY; null without a floor"
     )
-    shadow_rate: float = Field(description="TOME_SHADOW_RATE: share of r > 0 images re-run at r=0 when idle")
     rows: list[FidelityRow]
+
+
+class FidelityInfo(MergeRuleFidelity):
+    """The default merge rule's table (sources, max_r_at_floor, rows), every rule's in by_merge."""
+
+    floor: float | None = Field(description="TOME_MIN_FIDELITY, in each request's own kind; null: none")
+    min_samples: int = Field(description="Samples an r needs to meet a floor (TOME_FIDELITY_MIN_SAMPLES)")
+    bounds: dict[str, str] = Field(description="How each kind's lower bound is computed")
+    shadow_rate: float = Field(description="TOME_SHADOW_RATE: share of r > 0 images re-run at r=0 when idle")
+    by_merge: dict[str, MergeRuleFidelity] = Field(
+        description="Per merge rule, its own table (the fields above are the default rule's)"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -146,6 +161,10 @@ class ModelInfo(BaseModel):
         "merging can leave (a larger r changes nothing)"
     )
     default_r: int | Literal["auto"]
+    default_merge: str = Field(
+        description="TOME_DEFAULT_MERGE: the merge rule of requests that name none, but for r=auto ones "
+        "(the server chooses their rule with r)"
+    )
     input_size: list[int] = Field(description="[channels, height, width] of the model input")
     patch_size: list[int]
     input_tokens: int

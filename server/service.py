@@ -120,7 +120,12 @@ class InferenceService:
         )
         self.fidelity_metrics = FidelityMetrics(
             metrics.registry,
-            lambda: [lane.fidelity for lane in self.lanes.values() if lane.fidelity is not None],
+            # The metrics show the default merge rule's tables (labels model, r, kind: one table each).
+            lambda: [
+                lane.fidelity[settings.default_merge]
+                for lane in self.lanes.values()
+                if lane.fidelity is not None
+            ],
             settings.min_fidelity,
         )
         self._decode_pool = ThreadPoolExecutor(self.threads.preprocess_threads, thread_name_prefix="decode")

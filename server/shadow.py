@@ -2,8 +2,9 @@
 
 A sampled share (TOME_SHADOW_RATE) of the images a model serves at r > 0 keep their pixels and their
 answers at that r (``inference.Kept``). When their batch ends, the lane offers them here; they are run
-again at r=0, one image at a time, and compared (``fidelity.Comparison``) into the model's fidelity
-table, but only while the model is idle: nothing queued, nothing on its way, no batch running, checked
+again at r=0 (the same reference for every merge rule: r=0 merges nothing), one image at a time, and
+compared (``fidelity.Comparison``) into the fidelity table of the rule their batch ran with, but only
+while the model is idle: nothing queued, nothing on its way, no batch running, checked
 before every image. Offered while busy, or still waiting when work arrives, they are dropped and
 counted (``tome_shadow_runs_total{outcome="dropped"}``).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import torch
 from prometheus_client import Counter
@@ -39,15 +40,16 @@ class Shadow:
         self,
         model: str,
         rate: float,
-        table: FidelityTable,
+        tables: Mapping[str, FidelityTable],
         reference: Reference,
         busy: Callable[[], bool],
         runs: Counter,
         rng: random.Random | None = None,
     ) -> None:
-        """``busy`` says whether the model has live work (queued, on its way or running); ``runs`` is
-        the ``tome_shadow_runs_total`` counter (labels model, outcome)."""
-        self.model, self.rate, self.table = model, rate, table
+        """``tables``: the model's fidelity table per merge rule; ``busy`` says whether the model has
+        live work (queued, on its way or running); ``runs`` is the ``tome_shadow_runs_total`` counter
+        (labels model, outcome)."""
+        self.model, self.rate, self.tables = model, rate, tables
         self._reference, self._busy, self._runs = reference, busy, runs
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
@@ -58,16 +60,17 @@ class Shadow:
             return frozenset()
         return frozenset(i for i in range(size) if self._rng.random() < self.rate)
 
-    def offer(self, r: int, kept: Sequence[Kept]) -> None:
-        """The batch at ``r`` holding ``kept`` ended (on the event loop): run them now if idle, else drop."""
+    def offer(self, r: int, merge: str, kept: Sequence[Kept]) -> None:
+        """The batch at ``r`` with rule ``merge`` holding ``kept`` ended (on the event loop): run them
+        now if idle, else drop."""
         if not kept:
             return
         if self._busy() or (self._task is not None and not self._task.done()):
             self._drop(len(kept))
             return
-        self._task = asyncio.get_running_loop().create_task(self._run(r, list(kept)))
+        self._task = asyncio.get_running_loop().create_task(self._run(r, self.tables[merge], list(kept)))
 
-    async def _run(self, r: int, kept: list[Kept]) -> None:
+    async def _run(self, r: int, table: FidelityTable, kept: list[Kept]) -> None:
         for done, item in enumerate(kept):
             if self._busy():
                 self._drop(len(kept) - done)
@@ -78,7 +81,7 @@ class Shadow:
                 log.exception("shadow run of %s at r=0 failed", self.model)
                 self._drop(len(kept) - done)
                 return
-            self.table.add(r, Comparison.of(reference, item.outputs), "shadow")
+            table.add(r, Comparison.of(reference, item.outputs), "shadow")
             self._runs.labels(self.model, RUN).inc()
 
     def _drop(self, count: int) -> None:

@@ -7,8 +7,9 @@ process started with all of these the same can begin from the table the last one
 it in the background once it is ready.
 
 Each lane's state is one JSON file named by a hash of its :class:`StateKey`, the key itself inside for
-checking, and named sections: "timings" (``TimingTable.to_json``), and any other table a lane keeps
-(a section this process does not provide is written back as it was read). Files are replaced
+checking, and named sections: "timings" (``timings.tables_to_json``: r=auto's timing table of each
+merge rule, keyed by rule; a file from before tables per rule is measured over), and any other table
+a lane keeps (a section this process does not provide is written back as it was read). Files are replaced
 atomically (a temporary file in the same folder, then ``os.replace``), so pods that share the folder
 never read half a file; the last writer wins. A missing, corrupt or foreign file is logged and
 ignored (the lane measures as if there were none, then writes a good one); a failed write is a

@@ -46,8 +46,10 @@ class TimedRunner:
         return seconds
 
 
-def warmed_table(seconds=cpu_like, r_max: int = R_MAX, max_batch: int = MAX_BATCH) -> TimingTable:
-    """A timing table with every cell measured from ``seconds``."""
-    table = TimingTable("fake", r_max, max_batch)
+def warmed_table(
+    seconds=cpu_like, r_max: int = R_MAX, max_batch: int = MAX_BATCH, merge: str = "tome"
+) -> TimingTable:
+    """A timing table of merge rule ``merge`` with every cell measured from ``seconds``."""
+    table = TimingTable("fake", r_max, max_batch, merge=merge)
     table.warm_up(TimedRunner(FakeClock(), seconds), budget_s=1e9, clock=FakeClock())
     return table

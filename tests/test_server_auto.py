@@ -18,7 +18,8 @@ def auto_r(clock: FakeClock) -> tuple[AutoR, CollectorRegistry]:
     registry = CollectorRegistry()
     table = warmed_table()
     metrics = AutoMetrics(registry, lambda: [table])
-    return AutoR(table, auto_max_r=R_MAX, metrics=metrics, clock=clock), registry
+    tables = [table, warmed_table(merge="mlerp")]
+    return AutoR(tables, auto_max_r=R_MAX, metrics=metrics, clock=clock), registry
 
 
 def test_fixed_r_work_in_flight_raises_the_auto_batch_r():
@@ -48,6 +49,17 @@ def test_finished_batches_teach_the_cost_table_and_failed_ones_do_not():
     assert auto.table.snapshot().seconds(0, 8) == pytest.approx(cpu_like(0, 8))
 
 
+def test_a_batch_teaches_the_table_of_its_own_merge_rule():
+    clock = FakeClock()
+    auto, _ = auto_r(clock)
+    tome, mlerp = (auto.tables[rule].snapshot().seconds(16, 8) for rule in ("tome", "mlerp"))
+    for _ in range(50):
+        auto.handed(16, 8, "mlerp").finished(2 * mlerp)
+    assert auto.tables["mlerp"].snapshot().seconds(16, 8) > 1.5 * mlerp
+    assert auto.table.snapshot().seconds(16, 8) == tome  # the default rule's table learnt nothing
+    assert auto.tables["tome"] is auto.table
+
+
 def test_sheds_answers_and_timeouts_are_counted():
     clock = FakeClock()
     auto, registry = auto_r(clock)
@@ -65,4 +77,4 @@ def test_sheds_answers_and_timeouts_are_counted():
 
 def test_an_empty_cost_table_is_refused_up_front():
     with pytest.raises(ValueError, match="warm the timing table up first"):
-        AutoR(TimingTable("fake", R_MAX, MAX_BATCH), auto_max_r=R_MAX)
+        AutoR([warmed_table(), TimingTable("fake", R_MAX, MAX_BATCH, merge="mlerp")], auto_max_r=R_MAX)

@@ -9,7 +9,16 @@ import threading
 import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, TimedRunner, cpu_like, warmed_table, with_slow_r20
 
-from tome_serve.auto.timings import TimingTable, batch_grid, coarse_to_fine, r_grid, warm_up_order
+from tome_serve.auto.timings import (
+    TimingTable,
+    batch_grid,
+    budget_shares,
+    coarse_to_fine,
+    r_grid,
+    tables_from_json,
+    tables_to_json,
+    warm_up_order,
+)
 
 
 def test_grids_always_hold_their_ends():
@@ -228,3 +237,26 @@ def test_a_damaged_saved_table_is_refused_saying_what_is_wrong(damage, message):
     damage(saved)
     with pytest.raises(ValueError, match=message):
         TimingTable.from_json(saved)
+
+
+@pytest.mark.parametrize(("first_uses", "second_gets"), [(3.0, 7.0), (5.0, 5.0), (12.0, 0.0)])
+def test_one_budget_is_shared_in_turn_and_what_a_rule_leaves_goes_to_the_next(first_uses, second_gets):
+    spent = [0.0]
+    shares = budget_shares(10.0, 2, lambda: spent[0])
+    assert next(shares) == 5.0  # the default rule's: half of it
+    spent[0] = first_uses
+    assert next(shares) == second_gets
+    assert next(shares, None) is None
+
+
+def test_a_lane_s_tables_are_saved_per_rule_and_refused_on_another_lane_s_grid():
+    tables = [warmed_table(), warmed_table(merge="mlerp")]
+    saved = json.loads(json.dumps(tables_to_json(tables)))
+    restored = tables_from_json(saved, tables)
+    assert [t.merge for t in restored] == ["tome", "mlerp"]
+    assert restored[1].snapshot().seconds(8, 4) == tables[1].snapshot().seconds(8, 4)
+    with pytest.raises(ValueError, match=r"expected a timing table per merge rule \(tome, mlerp\)"):
+        tables_from_json(saved["tome"], tables)  # one table: the layout before tables per rule
+    other_grid = [warmed_table(r_max=16), warmed_table(r_max=16, merge="mlerp")]
+    with pytest.raises(ValueError, match="not this lane's"):
+        tables_from_json(saved, other_grid)

@@ -266,29 +266,30 @@ def test_batches_of_one_key_run_side_by_side_up_to_max_running() -> None:
     assert asyncio.run(scenario()) == [2, 2, 2, 2, 2, 1]
 
 
-def test_the_planner_sets_r_and_size_when_a_batch_is_formed() -> None:
-    async def scenario() -> tuple[list[tuple[int, list[int]]], list[list[int]]]:
-        runs: list[tuple[int, list[int]]] = []
+def test_the_planner_sets_r_rule_and_size_when_a_batch_is_formed() -> None:
+    async def scenario() -> tuple[list[tuple[int, str, list[int]]], list[list[int]]]:
+        runs: list[tuple[int, str, list[int]]] = []
         seen: list[list[int]] = []
 
         async def runner(batch: Batch) -> None:
-            runs.append((batch.r, [item.pixels for item in batch.items]))
+            runs.append((batch.r, batch.merge, [item.pixels for item in batch.items]))
             for item in batch.items:
                 item.future.set_result(batch.r)
 
         def plan(key: QueueKey, queued: Sequence[Item]) -> BatchPlan:
             seen.append([item.pixels for item in queued])
-            return BatchPlan(r=10 + len(queued), size=2)  # e.g. a shared queue whose r depends on its load
+            # e.g. a shared queue whose r and rule depend on its load (None: the key's rule)
+            return BatchPlan(r=10 + len(queued), size=2, merge="mlerp" if len(queued) > 1 else None)
 
         policy = BatchPolicy(max_batch_size=3, batch_wait_timeout_s=0.05, max_queue_size=8)
         batcher = Batcher(policy, runner, plan=plan)
-        items = submit_all(batcher, QueueKey("m", -1), [1, 2, 3, 4, 5])
+        items = submit_all(batcher, QueueKey("m", -1, "auto"), [1, 2, 3, 4, 5])
         assert await asyncio.gather(*(item.future for item in items)) == [15, 15, 13, 13, 11]
         await batcher.drain()
         return runs, seen
 
     runs, seen = asyncio.run(scenario())
-    assert runs == [(15, [1, 2]), (13, [3, 4]), (11, [5])]
+    assert runs == [(15, "mlerp", [1, 2]), (13, "mlerp", [3, 4]), (11, "auto", [5])]
     assert seen == [[1, 2, 3, 4, 5], [3, 4, 5], [5]]
 
 

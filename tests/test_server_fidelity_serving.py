@@ -120,12 +120,12 @@ def test_embeddings_carry_the_cosine_fidelity_and_take_a_cosine_floor(client: Te
 def test_fidelity_metrics_are_read_at_scrape_time(client: TestClient) -> None:
     lane = lane_of(client)
     exposition = client.get("/metrics").text
-    for row in lane.fidelity.rows():
+    for row in lane.fidelity["tome"].rows():
         labels = {"model": MODEL, "r": str(row.r), "kind": row.kind}
         assert metric_value(exposition, "tome_fidelity_samples", **labels) == row.samples
         assert metric_value(exposition, "tome_fidelity", bound="lower", **labels) == pytest.approx(row.lower)
     assert "\ntome_fidelity_floor" not in exposition  # no TOME_MIN_FIDELITY
-    lane.fidelity.add(12, Comparison([True] * 3, [1.0] * 3, [1.0] * 3), "test")
+    lane.fidelity["tome"].add(12, Comparison([True] * 3, [1.0] * 3, [1.0] * 3), "test")
     exposition = client.get("/metrics").text
     assert metric_value(exposition, "tome_fidelity_samples", model=MODEL, r="12", kind="agreement") == 4 + 3
 
@@ -159,7 +159,7 @@ def test_a_floor_becomes_the_request_s_auto_ceiling_and_the_server_floor_wins() 
         answer = client.post("/classify", params={"r": "auto"}, content=png()).json()
         assert answer["r"] == 0 and answer["fidelity"]["lower"] == 1.0
 
-        lane.fidelity = known_table()
+        lane.fidelity = {"tome": known_table(), "mlerp": FidelityTable(MODEL, GRID)}
 
         async def ceiling(**params: object) -> int:
             (item,) = lane.admit("auto", Want(top_k=1), time.monotonic(), **params)
@@ -207,19 +207,26 @@ def test_calibration_stays_within_its_budget_and_measures_the_small_r_first(tmp_
     model = load_model(MODEL, settings())
     clock = FakeClock(0.0)
 
-    def run(r: int, pixels: list[torch.Tensor]) -> Outputs:
+    runs = []
+
+    def run(r: int, pixels: list[torch.Tensor], merge: str) -> Outputs:
         clock.advance(1.0)  # every batch takes one second
+        runs.append((r, merge))
         return Outputs(torch.randn(len(pixels), 10), torch.randn(len(pixels), 8))
 
-    table = FidelityTable(MODEL, (0, 4, 8, 12))
+    tables = {rule: FidelityTable(MODEL, (0, 4, 8)) for rule in ("mlerp", "tome")}  # the default first
     files = calibration.image_files(tmp_path)
     report = calibration.calibrate(
-        table, run, model, files, batch_size=2, budget_s=6.0, max_pixels=10**8, clock=clock
+        tables, run, model, files, batch_size=2, budget_s=8.0, max_pixels=10**8, clock=clock
     )
-    # Batch 1 at r=0, 4, 8, 12 (4 s), batch 2 at r=0 and 4 (6 s): r=8 would end past the budget.
-    assert clock() <= 6.0 and not report.complete and report.runs == 6
-    assert [table.estimate(r, "cosine").samples for r in (4, 8, 12)] == [4, 2, 2]
+    # Batch 1 at r=0, then r=4 and 8 with both rules (5 s), batch 2 at r=0 and r=4 with both (8 s): the
+    # next run would end past the budget.
+    assert runs[:5] == [(0, "mlerp"), (4, "mlerp"), (4, "tome"), (8, "mlerp"), (8, "tome")]
+    assert clock() <= 8.0 and not report.complete and report.runs == 8
+    for table in tables.values():
+        assert [table.estimate(r, "cosine").samples for r in (4, 8)] == [4, 2]
     assert report.images == 4 and len(report.unreadable) == 1 and "broken.jpg" in report.unreadable[0]
+    assert report.rules == ("mlerp", "tome")
 
 
 class Idle:
@@ -242,7 +249,7 @@ def kept(count: int) -> list[Kept]:
 def test_shadow_runs_only_while_idle_and_counts_what_it_drops() -> None:
     registry = CollectorRegistry()
     runs = Counter("tome_shadow_runs_total", "", ["model", "outcome"], registry=registry)
-    table, state, calls = FidelityTable("m", (0, 8)), Idle(), []
+    table, other, state, calls = FidelityTable("m", (0, 8)), FidelityTable("m", (0, 8)), Idle(), []
 
     async def reference(pixels: list[torch.Tensor]) -> Outputs:
         calls.append(len(pixels))
@@ -253,18 +260,19 @@ def test_shadow_runs_only_while_idle_and_counts_what_it_drops() -> None:
         return registry.get_sample_value("tome_shadow_runs_total", {"model": "m", "outcome": outcome}) or 0.0
 
     async def scenario() -> None:
-        shadow = Shadow("m", 1.0, table, reference, state, runs)
+        shadow = Shadow("m", 1.0, {"tome": other, "mlerp": table}, reference, state, runs)
         assert shadow.pick(0, 4) == frozenset() and shadow.pick(8, 3) == {0, 1, 2}
         state.busy = True
-        shadow.offer(8, kept(3))  # busy: all three dropped, none run
+        shadow.offer(8, "mlerp", kept(3))  # busy: all three dropped, none run
         assert (count("run"), count("dropped"), calls) == (0, 3, [])
         state.busy = False
-        shadow.offer(8, kept(4))
+        shadow.offer(8, "mlerp", kept(4))
         for _ in range(100):  # the shadow task runs on this loop
             await asyncio.sleep(0)
         assert calls == [1, 1]  # one image at a time; busy after the second: the other two dropped
         assert (count("run"), count("dropped")) == (2, 5)
         assert table.estimate(8, "agreement").samples == 2
+        assert other.estimate(8, "agreement") is None  # the batch's own rule's table only
 
     asyncio.run(scenario())
 
@@ -283,7 +291,7 @@ def test_shadow_runs_fill_the_table_when_idle_and_are_dropped_under_load() -> No
             while counted("run") < i + 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-        assert lane.fidelity.estimate(8, "agreement").samples == 3 and counted("dropped") == 0
+        assert lane.fidelity["tome"].estimate(8, "agreement").samples == 3 and counted("dropped") == 0
 
         async def burst() -> list[Result]:
             images = [png((i * 5, 40, 90)) for i in range(40)]
@@ -295,7 +303,7 @@ def test_shadow_runs_fill_the_table_when_idle_and_are_dropped_under_load() -> No
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert counted("dropped") > 0  # batches that ended with more waiting behind them
-        assert lane.fidelity.estimate(4, "agreement").samples == counted("run") - 3
+        assert lane.fidelity["tome"].estimate(4, "agreement").samples == counted("run") - 3
 
 
 def test_every_fidelity_metric_the_deploy_files_use_is_registered_and_passes_promtool(promtool) -> None:

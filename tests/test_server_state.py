@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from serverutil import TINY_MODEL_KWARGS, is_ready, png, start_server, wait_until
 from tiny import NAME, tiny_vit
 
+import tome
 from tome_bench.ready import table_line
 from tome_serve.app import create_app
 from tome_serve.config import Settings
@@ -225,12 +226,29 @@ def test_a_restart_with_the_state_folder_is_ready_without_the_warm_up(tmp_path):
             server.log_path.unlink(missing_ok=True)
     assert [a["timings_source"] for a in auto] == ["measured", "state"]
     assert "no saved state" in logs[0]
-    measured = re.search(r"timing table: 36 cells measured in ([\d.]+) s", logs[0])
-    loaded = re.search(r"timing table: 36 cells loaded from \S+ in ([\d.]+) s", logs[1])
+    cells = 36 * len(tome.MERGE_RULES)  # 9 r x 4 batch sizes, one table per merge rule
+    measured = re.search(rf"timing table: {cells} cells measured in ([\d.]+) s", logs[0])
+    loaded = re.search(rf"timing table: {cells} cells loaded from \S+ in ([\d.]+) s", logs[1])
     assert measured and loaded, logs
     assert float(loaded[1]) < float(measured[1])
-    assert [table_line(log) for log in logs] == [(36, float(measured[1])), (36, float(loaded[1]))]  # bench
+    assert [table_line(log) for log in logs] == [(cells, float(measured[1])), (cells, float(loaded[1]))]
     assert auto[1]["target_ms"] == auto[0]["target_ms"]  # derived from the same table
+
+
+def test_the_file_keeps_a_table_per_merge_rule_and_one_from_before_is_measured_over(tmp_path, caplog):
+    serve(tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    saved = json.loads(path.read_text())
+    tables = saved["sections"]["timings"]
+    assert sorted(tables) == sorted(tome.MERGE_RULES)
+    assert all(table["merge"] == rule for rule, table in tables.items())
+    assert all(len(table["cells"]) == 36 for table in tables.values())
+    saved["sections"]["timings"] = tables["tome"]  # the layout before tables per rule: one table
+    path.write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="tome_serve"):
+        assert serve(tmp_path)["timings_source"] == "measured"
+    assert "expected a timing table per merge rule (tome, mlerp)" in caplog.text
+    assert serve(tmp_path)["timings_source"] == "state"
 
 
 def test_a_loaded_table_is_measured_again_while_idle_and_saved(tmp_path, caplog):
@@ -253,6 +271,9 @@ def test_the_fidelity_table_is_kept_and_not_counted_twice_unless_its_images_chan
         second = served(tmp_path)["fidelity"]
     assert "calibration skipped" in caplog.text
     assert second["sources"] == first["sources"] and first["sources"]["calibration"] > 0
+    by_rule = {rule: table["sources"] for rule, table in first["by_merge"].items()}
+    assert {rule: table["sources"] for rule, table in second["by_merge"].items()} == by_rule
+    assert sorted(by_rule) == ["mlerp", "tome"]  # every rule's table kept
     assert [(row["r"], row["kind"], row["samples"]) for row in second["rows"]] == [
         (row["r"], row["kind"], row["samples"]) for row in first["rows"]
     ]

@@ -123,15 +123,22 @@ class AutoController:
         self._needs: deque[tuple[float, int]] = deque()  # (time, needed r), needed r decreasing
         self._arrivals: deque[float] = deque()
 
-    def admit(self, queue: Sequence[Waiting], busy_s: Sequence[float], request: Waiting) -> None:
+    def admit(
+        self,
+        queue: Sequence[Waiting],
+        busy_s: Sequence[float],
+        request: Waiting,
+        timings: TimeModel | None = None,
+    ) -> None:
         """Count the arrival, and raise :class:`Overloaded` if ``request``, queued behind ``queue``,
         would miss its target even at its floor, although it would meet it on an idle server (when
         not even an idle server can meet a target, refusing cannot help: it is served as fast as its
         floor allows). Batches are assumed full (under load, later arrivals fill them), unless one full
         batch alone misses the target: then the queue's own batches count, else every request would be
         refused, even on an idle server (seen when the timing table followed a loaded machine). ``busy_s``:
-        seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free)."""
-        timings, now = self._costs(), self._clock()
+        seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free).
+        ``timings``: those of the request's merge rule (None: the ones the controller was made with)."""
+        timings, now = self._costs() if timings is None else timings, self._clock()
         self._arrivals.append(now)
         self.arrival_rate()  # drops arrivals older than the window, so the deque stays bounded
         r = timings.fastest_up_to(min(self.max_r, request.max_r), self.max_batch)
@@ -152,12 +159,14 @@ class AutoController:
             self._arrivals.popleft()
         return len(self._arrivals) / self.rate_window_s
 
-    def decide(self, queue: Sequence[Waiting], busy_s: Sequence[float]) -> Decision:
-        """The r of the batch about to be formed from the head of ``queue`` (not empty); ``busy_s``
-        as for :meth:`admit`."""
+    def decide(
+        self, queue: Sequence[Waiting], busy_s: Sequence[float], timings: TimeModel | None = None
+    ) -> Decision:
+        """The r of the batch about to be formed from the head of ``queue`` (not empty); ``busy_s`` and
+        ``timings`` as for :meth:`admit`."""
         if not queue:
             raise ValueError("no batch to decide for: the queue is empty")
-        timings, now = self._costs(), self._clock()
+        timings, now = self._costs() if timings is None else timings, self._clock()
         size = min(len(queue), self.max_batch)
         cap = min(self.max_r, *(waiting.max_r for waiting in queue[:size]))
         needed = max(self._needed_for_targets(timings, now, queue, busy_s), self._needed_for_rate(timings))

@@ -64,6 +64,8 @@ class Recheck:
     ratios: list[float]
     """Per cell, its seconds now over its seconds as loaded."""
     stopped: bool
+    seconds: float = 0.0
+    """Batch seconds it spent (of its budget)."""
 
     def describe(self) -> str:
         if not self.ratios:
@@ -95,4 +97,4 @@ def recheck(
     # A cell's first visit is an untimed batch and then a timed one (TimingTable.warm_up).
     measured = sorted(cell for cell, calls in idle_timer.calls.items() if calls >= 2)
     ratios = [after.seconds(*cell) / before.seconds(*cell) for cell in measured]
-    return Recheck(len(ratios), ratios, stopped)
+    return Recheck(len(ratios), ratios, stopped, idle_timer.clock())

@@ -12,9 +12,12 @@ time depends on the hardware, the dtype and the batch size (on this project's CP
 - :meth:`TimingTable.observe` folds in the forward time of every real batch, so the table follows the
   machine (thermal state, neighbours, a second inference thread) after start-up.
 - :meth:`TimingTable.to_json` / :meth:`TimingTable.from_json` keep the table in the state folder
-  (server/state.py), so a restart on the same hardware starts from it instead of measuring again.
+  (server/state.py; :func:`tables_to_json` / :func:`tables_from_json`: one per merge rule), so a
+  restart on the same hardware starts from it instead of measuring again.
 - An r that is not clearly faster than every smaller r at a batch size is *dominated* there: it would
   cost accuracy for no speed, and the controller never chooses it.
+- A lane keeps one table per merge rule (their batches cost differently), warmed up in turn within
+  one budget (:func:`budget_shares`), the default rule's first.
 
 Thread-safe: batches finish on inference threads while the event loop reads predictions. Readers get
 an immutable :class:`Snapshot`, rebuilt only after a change.
@@ -26,7 +29,7 @@ import bisect
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,14 @@ def batch_grid(max_batch: int) -> tuple[int, ...]:
         sizes.add(size)
         size *= 2
     return tuple(sorted(sizes))
+
+
+def budget_shares(budget_s: float, count: int, spent: Callable[[], float]) -> Iterator[float]:
+    """The budgets of ``count`` steps run in turn (one timing table per merge rule, the default rule's
+    first): each an equal part of what is left when it starts (``spent``: the seconds used so far), so
+    what one step leaves unused goes to those after it."""
+    for index in range(count):
+        yield max(0.0, budget_s - spent()) / (count - index)
 
 
 def coarse_to_fine(values: tuple[int, ...]) -> list[int]:
@@ -303,6 +314,12 @@ class TimingTable:
                 self._set(*cell, sorted(times)[len(times) // 2])
         return len(samples)
 
+    @property
+    def measured(self) -> int:
+        """Cells with samples: measured at warm-up, loaded, or taught by real batches."""
+        with self._lock:
+            return len(self._cells)
+
     def observe(self, r: int, batch_size: int, seconds: float) -> None:
         """Fold in a real batch's forward seconds. Batches at an r off the grid (fixed-r clients) are
         ignored: the controller only ever chooses grid r."""
@@ -383,3 +400,23 @@ class TimingTable:
         with self._lock:
             self._cells[(r, size)] = _Cell(seconds)
             self._snapshot = None
+
+
+def tables_to_json(tables: Iterable[TimingTable]) -> dict[str, Any]:
+    """The tables of a lane's merge rules, keyed by rule: the state folder's "timings" section."""
+    return {table.merge: table.to_json() for table in tables}
+
+
+def tables_from_json(data: Any, like: Sequence[TimingTable]) -> list[TimingTable]:
+    """What :func:`tables_to_json` wrote, as tables in the order of ``like``, each on the grid and of the
+    merge rule of its table there; ValueError, saying what differs, for anything else."""
+    rules = [table.merge for table in like]
+    if not isinstance(data, Mapping) or sorted(data) != sorted(rules):
+        found = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"expected a timing table per merge rule ({', '.join(rules)}), found {found}")
+    tables = [TimingTable.from_json(data[rule]) for rule in rules]
+    for table, own in zip(tables, like, strict=True):
+        if (table.rs, table.max_batch, table.merge) != (own.rs, own.max_batch, own.merge):
+            grid = f"r {table.rs}, batch 1..{table.max_batch}, merge rule {table.merge}"
+            raise ValueError(f"its grid is {grid}: not this lane's")
+    return tables
