@@ -36,6 +36,14 @@ class Want:
     normalize: bool = True
     """Scale the embedding (each patch's, for ``patch``) to unit length."""
 
+    @property
+    def fidelity_kind(self) -> str | None:
+        """The fidelity kind a floor on this answer is judged in: cosine for an embedding, agreement
+        for predictions; None (the model's own) for a merge map alone."""
+        if self.pooling is not None:
+            return "cosine"
+        return "agreement" if self.top_k != 0 else None
+
 
 class QueueKey(NamedTuple):
     """The queue an item waits in. Batches never mix keys, so every batch has one model and one

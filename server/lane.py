@@ -40,7 +40,17 @@ from .inference import ForwardGate, InferenceWorker, Kept
 from .item import Item, QueueKey, Result, Want
 from .loading import LoadedModel, StartupError
 from .metrics import Metrics
-from .params import AUTO, MERGE_RULES, AutoParams, ParamError, auto_params, default_first, merge_rule, top_k
+from .params import (
+    AUTO,
+    MERGE_RULES,
+    Asked,
+    AutoParams,
+    ParamError,
+    auto_params,
+    default_first,
+    merge_rule,
+    top_k,
+)
 from .shadow import Shadow
 from .state import Keeper, LaneState, StateFolder, lane_key
 from .threads import ThreadPlan
@@ -357,39 +367,27 @@ class Lane:
 
     # -- one request ------------------------------------------------------------------------------
 
-    def admit(
-        self,
-        r: str | int | None,
-        want: Want,
-        arrived: float,
-        count: int = 1,
-        *,
-        target_ms: float | str | None = None,
-        max_r: int | str | None = None,
-        merge: str | None = None,
-        min_fidelity: float | str | None = None,
-        kind: str | None = None,
-    ) -> list[Item]:
+    def admit(self, asked: Asked, want: Want, arrived: float, count: int = 1) -> list[Item]:
         """The request as one :class:`Item` per image (``count`` of them, their images still to come),
         its parameters checked against this model: :class:`BadRequest` (422) saying what is allowed
-        otherwise. ``kind`` is the fidelity kind its floor is in (None: :attr:`default_kind`)."""
-        model, settings = self.model, self.settings
+        otherwise. Its fidelity floor is judged in the kind of answer it wants (``Want.fidelity_kind``)."""
+        model, settings, merge = self.model, self.settings, asked.merge
         try:
-            chosen = model.limits.r(r)
+            chosen = model.limits.r(asked.r)
             auto = auto_params(
                 chosen,
-                target_ms,
-                max_r,
+                asked.target_ms,
+                asked.max_r,
                 model.limits,
                 default_target_ms=self.target_ms,
                 timeout_ms=settings.request_timeout_ms,
-                min_fidelity=min_fidelity,
+                min_fidelity=asked.min_fidelity,
                 default_floor=settings.min_fidelity,
             )
             want = self._resolve(want)
             # r=auto naming no rule: the server chooses the rule with r, per batch (auto/pareto.py).
             rule = AUTO if chosen == AUTO and merge is None else merge_rule(merge, settings.default_merge)
-            auto = self._apply_floor(auto, kind or self.default_kind, rule)
+            auto = self._apply_floor(auto, want.fidelity_kind or self.default_kind, rule)
         except ParamError as exc:
             raise BadRequest(str(exc)) from None
         loop, deadline = asyncio.get_running_loop(), arrived + settings.request_timeout_s

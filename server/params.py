@@ -52,6 +52,20 @@ def default_first(default: str) -> tuple[str, ...]:
 DEFAULT_TOP_K = 5
 
 
+@dataclass(frozen=True)
+class Asked:
+    """A request's parameters as it sent them (query text, JSON numbers, or None for "not given"):
+    its model, r and merge rule, and for r=auto its latency target, auto ceiling and fidelity floor.
+    Every endpoint builds one; the model's lane checks it (``Lane.admit``)."""
+
+    model: str | None = None
+    r: int | str | None = None
+    merge: str | None = None
+    target_ms: float | str | None = None
+    max_r: int | str | None = None
+    min_fidelity: float | str | None = None
+
+
 class ParamError(ValueError):
     """A bad request parameter or setting; the message says what is allowed."""
 

@@ -21,6 +21,7 @@ from tome_runtime import fidelity
 from .errors import ServeError
 from .item import Result, Want
 from .lane import Lane
+from .params import Asked
 from .schemas import (
     AccuracyDrop,
     AutoInfo,
@@ -140,18 +141,8 @@ async def classify(
     arrived = time.monotonic()
     upload = HttpUpload(request, service.settings.max_upload_bytes)
     want = Want(top_k=top_k)
-    result = await service.infer(
-        model,
-        r,
-        upload,
-        want,
-        arrived,
-        target_ms=target_ms,
-        max_r=max_r,
-        merge=merge,
-        min_fidelity=min_fidelity,
-        kind="agreement",
-    )
+    asked = Asked(model, r, merge, target_ms, max_r, min_fidelity)
+    result = await service.infer(asked, upload, want, arrived)
     return ClassifyResponse(
         model=result.model,
         weights=result.weights,
@@ -190,17 +181,8 @@ async def visualize(
     arrived = time.monotonic()
     upload = HttpUpload(request, service.settings.max_upload_bytes)
     want = Want(merge_map=True)
-    result = await service.infer(
-        model,
-        r,
-        upload,
-        want,
-        arrived,
-        target_ms=target_ms,
-        max_r=max_r,
-        merge=merge,
-        min_fidelity=min_fidelity,
-    )
+    asked = Asked(model, r, merge, target_ms, max_r, min_fidelity)
+    result = await service.infer(asked, upload, want, arrived)
     timing = _timing(result, arrived)
     auto = result.target_s is not None
     estimate = _estimate(service, result, service.lanes[result.model].default_kind)
@@ -251,19 +233,8 @@ async def embeddings(request: Request, service: Service) -> EmbeddingsResponse:
     params, inputs = await read_embeddings_request(request, service.settings)
     want = Want(pooling=params.pooling, dimensions=params.dimensions, normalize=params.normalize)
     skip = params.on_error == "skip"
-    answers = await service.infer_all(
-        params.model,
-        params.r,
-        inputs,
-        want,
-        arrived,
-        target_ms=params.target_ms,
-        max_r=params.max_r,
-        merge=params.merge,
-        min_fidelity=params.min_fidelity,
-        kind="cosine",
-        each_on_its_own=skip,
-    )
+    asked = Asked(params.model, params.r, params.merge, params.target_ms, params.max_r, params.min_fidelity)
+    answers = await service.infer_all(asked, inputs, want, arrived, each_on_its_own=skip)
     failed = [(i, answer) for i, answer in enumerate(answers) if isinstance(answer, ServeError)]
     if failed and (not skip or len(failed) == len(answers)):
         index, error = failed[0]

@@ -39,7 +39,7 @@ from .item import Item, Result, Want
 from .lane import Lane
 from .loading import LoadedModel, StartupError, load_model, resolve_device
 from .metrics import Metrics
-from .params import RChoice
+from .params import Asked, RChoice
 from .threads import ThreadPlan, plan_threads
 
 log = logging.getLogger(__name__)
@@ -134,55 +134,26 @@ class InferenceService:
     # -- the request path ----------------------------------------------------------------------
 
     async def infer(
-        self,
-        model: str | None,
-        r: int | str | None,
-        upload: Upload | bytes,
-        want: Want,
-        arrived: float | None = None,
-        *,
-        target_ms: float | str | None = None,
-        max_r: int | str | None = None,
-        merge: str | None = None,
-        min_fidelity: float | str | None = None,
-        kind: str | None = None,
+        self, asked: Asked, upload: Upload | bytes, want: Want, arrived: float | None = None
     ) -> Result:
         """The result for a request of one image; raises its errors.ServeError (or ClientGone)."""
-        (answer,) = await self.infer_all(
-            model,
-            r,
-            upload,
-            want,
-            arrived,
-            target_ms=target_ms,
-            max_r=max_r,
-            merge=merge,
-            min_fidelity=min_fidelity,
-            kind=kind,
-        )
+        (answer,) = await self.infer_all(asked, upload, want, arrived)
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
     async def infer_all(
         self,
-        model: str | None,
-        r: int | str | None,
+        asked: Asked,
         upload: Upload | bytes,
         want: Want,
         arrived: float | None = None,
         *,
-        target_ms: float | str | None = None,
-        max_r: int | str | None = None,
-        merge: str | None = None,
-        min_fidelity: float | str | None = None,
-        kind: str | None = None,
         each_on_its_own: bool = False,
     ) -> list[Result | ServeError]:
-        """The request path (see the module docstring): a result per image of ``upload``, in order.
-        ``r`` is an integer, "auto", its query text, or None (the model's default r); ``target_ms``,
-        ``max_r`` and ``min_fidelity`` (a floor of fidelity ``kind``: tome_runtime.fidelity) apply to
-        r=auto only; ``merge`` is the merge rule (None: TOME_DEFAULT_MERGE).
+        """The request path (see the module docstring): a result per image of ``upload``, in order,
+        for the parameters ``asked`` (checked by the model's lane: r, merge rule, and for r=auto its
+        target, auto ceiling and fidelity floor).
         ``upload`` as bytes is one image that has arrived already: such a request is still taken while
         draining.
 
@@ -195,21 +166,11 @@ class InferenceService:
             upload, taking = Arrived(upload), (Phase.READY, Phase.DRAINING)
         else:
             taking = (Phase.READY,)
-        lane = self._lane(model, taking)
+        lane = self._lane(asked.model, taking)
         if upload.count > self.settings.max_queue:
             queue = self.settings.max_queue
             raise BadRequest(f"{upload.count} images are more than a queue holds (TOME_MAX_QUEUE={queue})")
-        items = lane.admit(
-            r,
-            want,
-            arrived,
-            upload.count,
-            target_ms=target_ms,
-            max_r=max_r,
-            merge=merge,
-            min_fidelity=min_fidelity,
-            kind=kind,
-        )
+        items = lane.admit(asked, want, arrived, upload.count)
         upload.admitted(lane.name, items[0].r)
         try:
             lane.check_room(items)

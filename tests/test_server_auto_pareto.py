@@ -28,6 +28,7 @@ from tome_serve.auto.timings import Snapshot
 from tome_serve.config import Settings
 from tome_serve.item import Item, Want
 from tome_serve.lane import Lane
+from tome_serve.params import Asked
 
 GRID = tuple(range(0, R_MAX + 1, 4))
 OPEN = {"tome": R_MAX, "mlerp": R_MAX}
@@ -291,7 +292,7 @@ def test_a_fidelity_floor_is_never_crossed_with_either_rule(client, lane, seed) 
         params = {"target_ms": target_ms, "min_fidelity": floor, "merge": named}
 
         async def admitted(count: int, params: dict) -> list[Item]:
-            return lane.admit("auto", Want(top_k=1), time.monotonic(), count, **params)
+            return lane.admit(Asked(r="auto", **params), Want(top_k=1), time.monotonic(), count)
 
         items = client.portal.call(admitted, count, params)
         plan = lane._plan(items[0].key, items)

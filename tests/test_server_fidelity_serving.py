@@ -31,6 +31,7 @@ from tome_serve.inference import Kept
 from tome_serve.item import Result, Want
 from tome_serve.lane import Lane
 from tome_serve.loading import load_model
+from tome_serve.params import Asked
 from tome_serve.service import InferenceService
 from tome_serve.shadow import Shadow
 
@@ -162,7 +163,7 @@ def test_a_floor_becomes_the_request_s_auto_ceiling_and_the_server_floor_wins() 
         lane.fidelity = {"tome": known_table(), "mlerp": FidelityTable(MODEL, GRID)}
 
         async def ceiling(**params: object) -> int:
-            (item,) = lane.admit("auto", Want(top_k=1), time.monotonic(), **params)
+            (item,) = lane.admit(Asked(r="auto", **params), Want(top_k=1), time.monotonic())
             item.future.cancel()
             return item.auto.max_r
 
@@ -295,7 +296,9 @@ def test_shadow_runs_fill_the_table_when_idle_and_are_dropped_under_load() -> No
 
         async def burst() -> list[Result]:
             images = [png((i * 5, 40, 90)) for i in range(40)]
-            return await asyncio.gather(*(service.infer(None, 4, image, Want(top_k=1)) for image in images))
+            return await asyncio.gather(
+                *(service.infer(Asked(None, 4), image, Want(top_k=1)) for image in images)
+            )
 
         assert len(client.portal.call(burst)) == 40
         deadline = time.monotonic() + 10

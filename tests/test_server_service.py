@@ -13,6 +13,7 @@ from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.errors import BadRequest, DeadlineExceeded, ImageError, Unavailable, UnknownModel
 from tome_serve.item import Result, Want
+from tome_serve.params import Asked
 from tome_serve.service import Arrived, InferenceService
 from tome_serve.threads import usable_cores
 
@@ -47,8 +48,8 @@ def test_each_result_holds_only_its_own_image(client: TestClient) -> None:
 
     async def together() -> tuple[Result, Result]:
         return await asyncio.gather(
-            service.infer(None, 4, png((200, 10, 10)), Want(top_k=3)),
-            service.infer(MODEL, 4, png((10, 10, 200)), Want(merge_map=True)),
+            service.infer(Asked(None, 4), png((200, 10, 10)), Want(top_k=3)),
+            service.infer(Asked(MODEL, 4), png((10, 10, 200)), Want(merge_map=True)),
         )
 
     classified, drawn = client.portal.call(together)
@@ -65,24 +66,24 @@ def test_errors_are_domain_exceptions(client: TestClient) -> None:
     service: InferenceService = client.app.state.service
     image = png((1, 2, 3))
     cases = [
-        ((None, 99, image, Want(top_k=1)), BadRequest),
-        ((None, 4, image, Want(top_k=1001)), BadRequest),
-        (("vit_nope", 4, image, Want(top_k=1)), UnknownModel),
-        ((None, 4, b"not an image", Want(top_k=1)), ImageError),
+        ((Asked(None, 99), image, Want(top_k=1)), BadRequest),
+        ((Asked(None, 4), image, Want(top_k=1001)), BadRequest),
+        ((Asked("vit_nope", 4), image, Want(top_k=1)), UnknownModel),
+        ((Asked(None, 4), b"not an image", Want(top_k=1)), ImageError),
     ]
     for args, error in cases:
         with pytest.raises(error):
             client.portal.call(service.infer, *args)
     with pytest.raises(DeadlineExceeded):  # arrived long ago: the deadline has passed
-        client.portal.call(service.infer, None, 4, image, Want(top_k=1), time.monotonic() - 60)
+        client.portal.call(service.infer, Asked(None, 4), image, Want(top_k=1), time.monotonic() - 60)
 
 
 def test_a_request_admitted_before_the_drain_still_finishes(client: TestClient) -> None:
     service: InferenceService = client.app.state.service
     service.begin_draining()
     with pytest.raises(Unavailable):  # a new request, its upload still to be read, is refused...
-        client.portal.call(service.infer, None, 4, NotReadYet(), Want(top_k=1))
-    result = client.portal.call(service.infer, None, 4, png((5, 5, 5)), Want(top_k=1))
+        client.portal.call(service.infer, Asked(None, 4), NotReadYet(), Want(top_k=1))
+    result = client.portal.call(service.infer, Asked(None, 4), png((5, 5, 5)), Want(top_k=1))
     assert len(result.predictions) == 1  # ...one whose upload was still arriving is answered
 
 
@@ -110,7 +111,7 @@ def test_one_instance_on_every_core_decodes_between_batches_and_still_fills_them
         async def burst() -> list[Result | BaseException]:
             images = [png((i * 15, 40, 90)) for i in range(16)]
             images[11] = b"\xff\xd8 not really a jpeg"
-            calls = [service.infer(None, 4, image, Want(top_k=1)) for image in images]
+            calls = [service.infer(Asked(None, 4), image, Want(top_k=1)) for image in images]
             return await asyncio.gather(*calls, return_exceptions=True)
 
         results = client.portal.call(burst)
