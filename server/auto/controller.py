@@ -4,8 +4,8 @@ Pure decision logic over an injected clock and an injected time model (``timings
 queues nor runs anything. Auto requests of one model share one FIFO queue; whoever forms batches calls
 
 - :meth:`AutoController.admit` when an auto request arrives: it raises :class:`Overloaded`, with a
-  Retry-After from the same prediction, only when even the request's floor (its largest acceptable r)
-  cannot finish it within its target behind the work already queued;
+  Retry-After from the same prediction, only when even the request's auto ceiling (its largest acceptable
+  r) cannot finish it within its target behind the work already queued;
 - :meth:`AutoController.decide` when a batch is about to be formed from the head of the queue: it
   returns the batch's r.
 
@@ -22,8 +22,9 @@ The *needed* r is the smallest usable r (see ``timings``: never a dominated one)
 queued request done on time, and whose full batches keep up with the auto arrival rate of the last
 ``rate_window_s`` (counted at admission). The rate term matters under a steady load between two r's
 capacities: the queue alone would say "the larger r emptied me, a smaller one will do" after every
-drain, and r would cycle. The batch's r is then capped by the smallest floor among its requests and
-the server-wide cap (later batches are planned uncapped: their own floors apply when they are formed).
+drain, and r would cycle. The batch's r is then capped by the smallest auto ceiling among its
+requests and the server-wide one (later batches are planned uncapped: their own ceilings apply when
+they are formed).
 
 Hysteresis (why r does not oscillate). The chosen r is the largest r needed by any decision in the
 last ``hold_s`` seconds (a sliding-window maximum), snapped to the fastest usable r at or below it:
@@ -69,7 +70,7 @@ class Waiting:
     """Clock time of its arrival (the controller's clock)."""
     target_s: float
     max_r: int
-    """Its floor: the largest r it accepts."""
+    """Its auto ceiling: the largest r it accepts."""
 
     @property
     def deadline(self) -> float:
@@ -90,7 +91,7 @@ class Decision:
 
 
 class Overloaded(Exception):
-    """Even the floor cannot meet the target: refuse now (429) rather than answer late."""
+    """Even the auto ceiling cannot meet the target: refuse now (429) rather than answer late."""
 
     def __init__(self, retry_after_s: float, predicted_s: float, target_s: float) -> None:
         super().__init__(
@@ -131,9 +132,9 @@ class AutoController:
         timings: TimeModel | None = None,
     ) -> None:
         """Count the arrival, and raise :class:`Overloaded` if ``request``, queued behind ``queue``,
-        would miss its target even at its floor, although it would meet it on an idle server (when
+        would miss its target even at its auto ceiling, although it would meet it on an idle server (when
         not even an idle server can meet a target, refusing cannot help: it is served as fast as its
-        floor allows). Batches are assumed full (under load, later arrivals fill them), unless one full
+        auto ceiling allows). Batches are assumed full (under load, later arrivals fill them), unless one full
         batch alone misses the target: then the queue's own batches count, else every request would be
         refused, even on an idle server (seen when the timing table followed a loaded machine). ``busy_s``:
         seconds until each inference thread is free (``Backlog.busy_s``; threads not listed are free).

@@ -19,8 +19,8 @@ The rule of choice, per batch (:func:`choose`):
 
 So no other measured candidate beats the chosen pair on both cost and fidelity: one with a better
 lower bound would have won, and one with an equal bound is not cheaper. The batch's kind is that of
-its oldest request (the one whose deadline drives the batch); every request's own floor holds, in its
-own kind, through the ceilings.
+its oldest request (the one whose deadline drives the batch); every request's own fidelity floor
+holds, in its own kind, through the ceilings.
 """
 
 from __future__ import annotations
