@@ -11,6 +11,15 @@
    mean r used (the answers' X-Tome-R). JSON and CSV to ``--out``, a plot of goodput and mean r
    against load beside them, and the issue's goals checked in ``verdict``.
 
+With a fidelity floor (``--min-fidelity``, the server's TOME_MIN_FIDELITY, issue 18) r=auto may only
+choose an r whose top-1 agreement with r=0 has a lower bound at the floor. The fidelity table comes
+from start-up calibration (``--calibration-dir``, ``--calibration-budget-s``), a tome-eval profile
+(``--fidelity-profile``) or both; ``--fidelity-min-samples`` is the samples an r needs. After the start
+the benchmark reads the table from /models: the *qualifying* r are 0 and every r that meets the floor,
+and the variant ``floor`` is the largest r r=auto may choose (``fidelity.max_r_at_floor``). Each cell
+then also counts its *good* answers (within the target AND at a qualifying r) per second and the
+answers at an r that does not qualify (the goal: none for auto). Without a floor every r qualifies.
+
 Needs a server with r=auto wired in (issue 12, phase 2); against one without, it stops at the first
 auto request with the server's 422. Clients share the machine with the server, as in
 ``tome_bench.serve``: name the machine beside any figure.
@@ -31,9 +40,8 @@ from pathlib import Path
 
 import torch
 
-from tome_runtime.hardware import cpu_name
-
 from .extras import exit_for_missing
+from .stats import cpu_description, load_average
 
 try:
     import httpx
@@ -52,6 +60,8 @@ from .serve import (
 )
 
 AUTO = "auto"
+FLOOR = "floor"
+"""The variant that stands for the largest r a fidelity floor allows (fixed at that r)."""
 
 
 @dataclass(frozen=True)
@@ -75,17 +85,32 @@ class Cell:
     p99_ms: float | None
     mean_r: float | None
     """Mean r of the answered requests, from their X-Tome-R header."""
+    good_answers: int
+    """Answered within the target at a qualifying r (every r without a fidelity floor)."""
+    good_rps: float
+    below_floor: int
+    """Answered at an r that does not meet the fidelity floor (always 0 without one)."""
 
 
 def cell_stats(
-    outcomes: list[Outcome], target_s: float, seconds: float, load: float, variant: str, offered_rps: float
+    outcomes: list[Outcome],
+    target_s: float,
+    seconds: float,
+    load: float,
+    variant: str,
+    offered_rps: float,
+    qualifying: frozenset[int] | None = None,
 ) -> Cell:
+    """One cell's counts; ``qualifying`` is the set of r that meet the fidelity floor (None: no floor).
+    An answer without its r (no X-Tome-R) never counts as at a qualifying r."""
     answered = [o for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in answered]
     used = [o.r for o in answered if o.r is not None]
     shed = sum(o.status == 429 for o in outcomes)
     timed_out = sum(o.status == 504 for o in outcomes)
     within = sum(o.latency_s <= target_s for o in answered)
+    allowed = [o for o in answered if qualifying is None or o.r in qualifying]
+    good = sum(o.latency_s <= target_s for o in allowed)
     return Cell(
         load=load,
         variant=variant,
@@ -101,6 +126,9 @@ def cell_stats(
         p50_ms=_quantile_ms(latencies, 50),
         p99_ms=_quantile_ms(latencies, 99),
         mean_r=round(sum(used) / len(used), 2) if used else None,
+        good_answers=good,
+        good_rps=round(good / seconds, 2),
+        below_floor=len(answered) - len(allowed),
     )
 
 
@@ -115,9 +143,10 @@ def rotated(variants: list[str], index: int) -> list[str]:
 
 
 def verdict(cells: list[Cell], floor_load: float = 1.5) -> dict:
-    """The issue's goals per load: auto's goodput at least the best fixed r's; auto's mean r no larger
-    than the smallest fixed r reaching that goodput; at ``floor_load`` (a load the floor's capacity
-    carries) >= 99% within target and <= 1% shed; at 0.5x a mean r of at most 2."""
+    """The issue's goals per load: auto's good answers per second (goodput, without a fidelity floor)
+    at least the best fixed r's; none of auto's answers at an r below the floor; auto's mean r no
+    larger than the smallest fixed r reaching that rate; at ``floor_load`` (a load the auto ceiling's
+    capacity carries) >= 99% within target and <= 1% shed; at 0.5x a mean r of at most 2."""
     by_load: dict[float, dict[str, Cell]] = {}
     for cell in cells:
         by_load.setdefault(cell.load, {})[cell.variant] = cell
@@ -127,13 +156,14 @@ def verdict(cells: list[Cell], floor_load: float = 1.5) -> dict:
         fixed = {int(variant): cell for variant, cell in row.items() if variant != AUTO}
         if auto is None or not fixed:
             continue
-        best = max(cell.goodput_rps for cell in fixed.values())
-        reaching = [r for r, cell in sorted(fixed.items()) if cell.goodput_rps >= auto.goodput_rps]
+        best = max(cell.good_rps for cell in fixed.values())
+        reaching = [r for r, cell in sorted(fixed.items()) if cell.good_rps >= auto.good_rps]
         checks = {
-            "auto_goodput_rps": auto.goodput_rps,
-            "best_fixed_goodput_rps": best,
-            "auto_over_best": round(auto.goodput_rps / best, 3) if best else None,
-            "auto_at_least_best": auto.goodput_rps >= best,
+            "auto_good_rps": auto.good_rps,
+            "best_fixed_good_rps": best,
+            "auto_over_best": round(auto.good_rps / best, 3) if best else None,
+            "auto_at_least_best": auto.good_rps >= best,
+            "auto_below_floor": auto.below_floor,
             "auto_mean_r": auto.mean_r,
             "smallest_fixed_r_reaching_auto": reaching[0] if reaching else None,
             "auto_r_no_larger": not reaching or (auto.mean_r or 0.0) <= reaching[0],
@@ -165,9 +195,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1000.0,
         help="latency target of every cell (1000: about 2 full r=0 batches of ViT-S/16 on a 2-vCPU CPU)",
     )
-    parser.add_argument("--auto-max-r", type=int, default=None, help="server TOME_AUTO_MAX_R (the floor)")
+    parser.add_argument("--auto-max-r", type=int, default=None, help="server TOME_AUTO_MAX_R (auto ceiling)")
+    parser.add_argument("--min-fidelity", type=float, default=None, help="server TOME_MIN_FIDELITY")
+    parser.add_argument("--calibration-dir", default=None, help="server TOME_CALIBRATION_DIR")
+    parser.add_argument(
+        "--calibration-budget-s", type=float, default=None, help="server TOME_CALIBRATION_BUDGET_S"
+    )
+    parser.add_argument(
+        "--fidelity-min-samples", type=int, default=None, help="server TOME_FIDELITY_MIN_SAMPLES"
+    )
+    parser.add_argument("--fidelity-profile", default=None, help="server TOME_FIDELITY_PROFILE")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0])
-    parser.add_argument("--variants", nargs="+", default=["0", "16", AUTO], help="fixed r values and/or auto")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help=f"fixed r values, {FLOOR} (with --min-fidelity) and/or auto (default: 0 16 auto; with a floor "
+        f"0 {FLOOR} auto)",
+    )
     parser.add_argument(
         "--concurrency", type=int, default=None, help="saturation clients (default 3 x batch)"
     )
@@ -177,14 +222,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=320, help="side of the synthetic image")
     parser.add_argument("--url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--out", default="artifacts/auto_bench.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = ["0", FLOOR if args.min_fidelity is not None else "16", AUTO]
+    if FLOOR in args.variants and args.min_fidelity is None:
+        parser.error(f"the variant {FLOOR} needs --min-fidelity")
+    return args
+
+
+SERVER_SETTINGS = {
+    "auto_max_r": "TOME_AUTO_MAX_R",
+    "min_fidelity": "TOME_MIN_FIDELITY",
+    "calibration_dir": "TOME_CALIBRATION_DIR",
+    "calibration_budget_s": "TOME_CALIBRATION_BUDGET_S",
+    "fidelity_min_samples": "TOME_FIDELITY_MIN_SAMPLES",
+    "fidelity_profile": "TOME_FIDELITY_PROFILE",
+}
+"""The options passed on to the server as they are, when given."""
 
 
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {"TOME_LATENCY_TARGET_MS": f"{args.target_ms:g}"}
-    if args.auto_max_r is not None:
-        env["TOME_AUTO_MAX_R"] = str(args.auto_max_r)
+    for option, name in SERVER_SETTINGS.items():
+        value = getattr(args, option)
+        if value is not None:
+            env[name] = f"{value:g}" if isinstance(value, float) else str(value)
     return env
+
+
+def floor_facts(model: dict) -> tuple[frozenset[int] | None, int | None]:
+    """From a /models entry: the r that meet the fidelity floor for top-1 agreement (0 always does),
+    and the largest r r=auto may choose under it; (None, None) without a floor."""
+    fidelity = model.get("fidelity") or {}
+    if fidelity.get("floor") is None:
+        return None, None
+    rows = fidelity.get("rows", [])
+    meets = {row["r"] for row in rows if row["kind"] == "agreement" and row.get("meets_floor")}
+    return frozenset(meets | {0}), (fidelity.get("max_r_at_floor") or {}).get("agreement", 0)
 
 
 def check_auto(url: str, payload: bytes, headers: dict[str, str], target_ms: float) -> None:
@@ -200,7 +274,14 @@ def check_auto(url: str, payload: bytes, headers: dict[str, str], target_ms: flo
         raise SystemExit(f"the server does not serve r=auto: {response.status_code} {response.text}")
 
 
-def run_cells(args: argparse.Namespace, url: str, payload: bytes, headers: dict[str, str], capacity: float):
+def run_cells(
+    args: argparse.Namespace,
+    url: str,
+    payload: bytes,
+    headers: dict[str, str],
+    capacity: float,
+    qualifying: frozenset[int] | None = None,
+):
     target_s = args.target_ms / 1000
     cells = []
     for index, load in enumerate(args.loads):
@@ -208,7 +289,8 @@ def run_cells(args: argparse.Namespace, url: str, payload: bytes, headers: dict[
         for variant in rotated(args.variants, index):
             params = f"&target_ms={args.target_ms:g}" if variant == AUTO else ""
             load_run = open_loop(url, payload, variant, rate, args.warmup, args.duration, headers, params)
-            cell = cell_stats(asyncio.run(load_run), target_s, args.duration, load, variant, rate)
+            outcomes = asyncio.run(load_run)
+            cell = cell_stats(outcomes, target_s, args.duration, load, variant, rate, qualifying)
             print(f"{load:g}x {variant}: {asdict(cell)}", flush=True)
             cells.append(cell)
     return cells
@@ -220,19 +302,27 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     _, payload = test_image(args.image, args.image_size)
     process, url = (None, args.url) if args.url else start_server(args, server_env(args))
+    load_at_start = load_average()
     try:
         if AUTO in args.variants:
             check_auto(url, payload, headers, args.target_ms)
+        model = httpx.get(f"{url}/models", headers=headers, timeout=30).json()["models"][0]
+        qualifying, floor_r = floor_facts(model)
+        args.variants = [str(floor_r) if v == FLOOR else v for v in args.variants]
+        print(f"fidelity: {model.get('fidelity')}\nqualifying r: {qualifying}", flush=True)
         clients = args.concurrency or 3 * args.batch_size
         saturated = closed_loop(url, payload, 0, clients, args.warmup, args.duration, headers)
         capacity = summarize("saturation r=0", asyncio.run(saturated), args.duration, None).throughput_ips
         print(f"r=0 saturation: {capacity} images/s", flush=True)
-        cells = run_cells(args, url, payload, headers, max(capacity, 1.0))
+        cells = run_cells(args, url, payload, headers, max(capacity, 1.0), qualifying)
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
     result = {"machine": machine(), "config": vars(args), "r0_saturation_ips": capacity}
+    result["load_average"] = {"start": load_at_start, "end": load_average()}
+    result["fidelity"] = model.get("fidelity")
+    result["qualifying_r"] = None if qualifying is None else sorted(qualifying)
     result |= {"cells": [asdict(cell) for cell in cells], "verdict": verdict(cells)}
     write(Path(args.out), result, cells)
     print(json.dumps(result["verdict"], indent=2))
@@ -242,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 def machine() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": cpu_name(),
+        "processor": cpu_description(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -272,11 +362,12 @@ def plot(cells: list[Cell], target_ms: float, path: Path) -> None:
     for variant in dict.fromkeys(cell.variant for cell in cells):
         mine = sorted((c for c in cells if c.variant == variant), key=lambda c: c.load)
         label = "auto" if variant == AUTO else f"r={variant}"
-        goodput.plot([c.load for c in mine], [c.goodput_rps for c in mine], marker="o", label=label)
+        goodput.plot([c.load for c in mine], [c.good_rps for c in mine], marker="o", label=label)
         mean_r.plot([c.load for c in mine], [c.mean_r for c in mine], marker="o", label=label)
     offered = sorted({(c.load, c.offered_rps) for c in cells})
     goodput.plot([load for load, _ in offered], [rate for _, rate in offered], "k--", label="offered")
-    goodput.set(xlabel="offered load (x r=0 saturation)", ylabel=f"answers within {target_ms:g} ms per s")
+    ylabel = f"good answers per s (within {target_ms:g} ms, at an r meeting any floor)"
+    goodput.set(xlabel="offered load (x r=0 saturation)", ylabel=ylabel)
     mean_r.set(xlabel="offered load (x r=0 saturation)", ylabel="mean r of answered requests")
     for axes in (goodput, mean_r):
         axes.grid(alpha=0.3)

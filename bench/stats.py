@@ -132,3 +132,21 @@ class CpuMeter:
             machine_busy_s=(machine1.busy - machine0.busy) / CLOCK_TICKS,
             machine_idle_s=(machine1.idle - machine0.idle) / CLOCK_TICKS,
         )
+
+
+def load_average(path: str = "/proc/loadavg") -> float | None:
+    """The machine's 1-minute load average (Linux), None where there is none. A benchmark on a shared
+    machine names it at its start and its end, beside its figures."""
+    try:
+        with open(path) as handle:
+            return float(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its native bfloat16 flags (/proc/cpuinfo), for a figure's caption."""
+    from tome_runtime.hardware import CPU_BF16_FLAGS, cpu_flags, cpu_name
+
+    flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS))
+    return f"{cpu_name() or 'unknown CPU'} ({', '.join(flags) or 'no bfloat16 flags'})"

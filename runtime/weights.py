@@ -47,13 +47,52 @@ def create(name: str, weights: str, model_kwargs: dict[str, Any], seed: int = RA
         raise WeightsError(f"timm has no model named {name!r} (see timm.list_models())")
     if weights == "pretrained":
         return WeightedModel(_timm_model(name, True, model_kwargs), "pretrained")
+    path = Path(weights).expanduser()
+    if weights != "random" and (filled := _filled_from(name, path, model_kwargs)) is not None:
+        return WeightedModel(filled, str(path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # also fixes the random head of a file without one
         model = _timm_model(name, False, model_kwargs)
     if weights == "random":
         return WeightedModel(model, "random")
-    path = Path(weights).expanduser()
     return WeightedModel(model, str(path), load_file_into(model, path))
+
+
+def _filled_from(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module | None:
+    """``name`` with every tensor from the file at ``path``, skipping timm's random init, which the
+    file would overwrite anyway (ViT-S/16: 0.69 -> 0.44 s on one thread). The model is built on the
+    meta device, given empty memory, and filled by timm's loader with every key required.
+
+    None when that cannot be done exactly: a file without some tensors (its head keeps the seeded
+    init, so the caller builds the model that way), a model with tensors no file holds (non-persistent
+    buffers, plain tensor attributes) or whose construction reads tensor values, a ``.npz`` (loaded
+    by the model's own loader), or any error, which the caller's slower path reports properly."""
+    if not path.is_file() or path.suffix.lower() == ".npz":
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = _timm_model(name, False, kwargs)
+        tensors = {name for name, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        if tensors != set(model.state_dict()):
+            return None
+        model.to_empty(device="cpu")
+        if _meta_attributes(model):
+            return None
+        family = sys.modules.get(type(model).__module__)
+        filter_fn = getattr(family, "checkpoint_filter_fn", None)
+        load_checkpoint(model, str(path), strict=True, filter_fn=filter_fn, weights_only=True)
+    except Exception:  # the caller's path loads it again and says what is wrong
+        return None
+    return model
+
+
+def _meta_attributes(model: nn.Module) -> bool:
+    """Whether a module keeps a tensor outside its parameters and buffers (left on the meta device)."""
+    return any(
+        isinstance(value, torch.Tensor) and value.is_meta
+        for module in model.modules()
+        for value in vars(module).values()
+    )
 
 
 def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:

@@ -40,7 +40,7 @@ from .lane import Lane
 from .loading import LoadedModel, StartupError, load_model, resolve_device
 from .metrics import Metrics
 from .params import Asked, RChoice
-from .threads import ThreadPlan, plan_threads
+from .threads import ThreadPlan, loading_threads, plan_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,10 @@ class InferenceService:
                 lane.keep_state()
 
     def _load_all(self) -> dict[str, Lane]:
+        with torch_threads(loading_threads()):  # the inference threads set their own count
+            return self._load_each()
+
+    def _load_each(self) -> dict[str, Lane]:
         lanes: dict[str, Lane] = {}
         for name in self.settings.model_names:
             log.info("loading %s (weights: %s)", name, self.settings.weights)

@@ -7,6 +7,8 @@ from (name, flags, dtype) are in :mod:`tome_runtime.hardware`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +99,27 @@ def plan_threads(
     if between:
         why.append("one instance takes every core: images are decoded between its batches")
     return ThreadPlan(n, t, p, "; ".join(why) or "set explicitly", between)
+
+
+def loading_threads(cores: int | None = None) -> int:
+    """torch threads for creating and loading a model: as many as one instance of the automatic plan
+    runs with (1 on up to :data:`SMALL_CPU_CORES` cores).
+
+    Creating a model is dozens of elementwise passes over every weight (timm's seeded init, a file's
+    copy, a dtype cast), and with one torch thread per core each pass waits at an OpenMP barrier for
+    the busiest core. On the 2-vCPU VM shared with other work (docs/r-auto.md), ViT-S/16's seeded
+    init took 2.0 s on 2 threads and 0.46 s on 1, with the same tensors."""
+    cores = usable_cores() if cores is None else max(1, cores)
+    return 1 if cores <= SMALL_CPU_CORES else THREADS_PER_INSTANCE
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch runs on ``count`` threads in the calling thread meanwhile. The count is put back after:
+    ``torch.set_num_threads`` also sets the count that threads started later begin with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

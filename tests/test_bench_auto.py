@@ -6,7 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from tome_bench.auto import AUTO, Cell, cell_stats, parse_args, plot, rotated, server_env, verdict
+from tome_bench.auto import (
+    AUTO,
+    FLOOR,
+    Cell,
+    cell_stats,
+    floor_facts,
+    parse_args,
+    plot,
+    rotated,
+    server_env,
+    verdict,
+)
 from tome_bench.serve import Outcome, answer_r, classify_request, poisson_schedule
 
 
@@ -48,6 +59,31 @@ def test_cell_statistics_count_goodput_only_within_the_target():
     assert 290 < cell.p99_ms <= 300
 
 
+def test_with_a_floor_only_answers_in_time_at_a_qualifying_r_are_good():
+    outcomes = [outcome(0.1, r=0), outcome(0.2, r=8), outcome(0.2, r=16), outcome(0.9, r=8)]
+    outcomes += [outcome(0.1, r=None), outcome(0.05, 429, None)]
+    cell = cell_stats(outcomes, 0.25, 2.0, 1.5, AUTO, 3.0, qualifying=frozenset({0, 4, 8}))
+    assert (cell.answered, cell.within_target, cell.good_answers) == (5, 4, 2)  # r=0 and the fast r=8
+    assert cell.below_floor == 2  # r=16, and an answer that did not say its r
+    assert cell.good_rps == 1.0 and cell.goodput_rps == 2.0
+    unbounded = cell_stats(outcomes, 0.25, 2.0, 1.5, AUTO, 3.0)
+    assert (unbounded.good_answers, unbounded.below_floor) == (unbounded.within_target, 0)
+
+
+def test_the_qualifying_r_and_the_floor_variant_come_from_models():
+    rows = [
+        {"r": 4, "kind": "agreement", "meets_floor": True},
+        {"r": 4, "kind": "cosine", "meets_floor": True},
+        {"r": 8, "kind": "agreement", "meets_floor": False},
+        {"r": 12, "kind": "agreement", "meets_floor": True},  # beyond a gap: qualifies, auto stops at 4
+        {"r": 16, "kind": "cosine", "meets_floor": True},  # another kind's row
+    ]
+    fidelity = {"floor": 0.8, "max_r_at_floor": {"agreement": 4, "cosine": 4}, "rows": rows}
+    assert floor_facts({"fidelity": fidelity}) == (frozenset({0, 4, 12}), 4)
+    assert floor_facts({"fidelity": {**fidelity, "floor": None}}) == (None, None)
+    assert floor_facts({"fidelity": None}) == (None, None)
+
+
 def test_a_cell_with_no_answers_has_no_latency_or_r():
     cell = cell_stats([outcome(0.0, 429, None)], 0.25, 1.0, 3.0, "0", 10.0)
     assert (cell.p50_ms, cell.p99_ms, cell.mean_r, cell.goodput_rps) == (None, None, None, 0.0)
@@ -77,6 +113,9 @@ def cell(load: float, variant: str, goodput: float, mean_r: float, sent: int = 1
         p50_ms=10.0,
         p99_ms=20.0,
         mean_r=mean_r,
+        good_answers=extra.pop("good", within),
+        good_rps=extra.pop("good_rps", goodput),
+        below_floor=extra.pop("below", 0),
     )
 
 
@@ -104,6 +143,17 @@ def test_verdict_checks_the_issue_goals():
     assert result["3x"]["auto_r_no_larger"] is False, "r=16 reached more goodput at less merging"
 
 
+def test_with_a_floor_the_verdict_compares_good_answers_and_counts_those_below_it():
+    cells = [
+        cell(1.5, "0", 60.0, 0.0),
+        cell(1.5, "8", 90.0, 8.0),
+        cell(1.5, AUTO, 95.0, 10.0, good_rps=80.0, below=3),
+    ]
+    checks = verdict(cells)["1.5x"]
+    assert checks["auto_good_rps"] == 80.0 and checks["best_fixed_good_rps"] == 90.0
+    assert checks["auto_at_least_best"] is False and checks["auto_below_floor"] == 3
+
+
 def test_plot_and_arguments(tmp_path):
     cells = [
         cell(load, variant, 10.0 * load, r) for load in (0.5, 1.0) for variant, r in (("0", 0), (AUTO, 4))
@@ -115,6 +165,18 @@ def test_plot_and_arguments(tmp_path):
     assert args.loads == [0.5, 1.0, 1.5, 2.0, 3.0]
     assert args.variants == ["0", "16", AUTO]
     assert server_env(args) == {"TOME_LATENCY_TARGET_MS": "300", "TOME_AUTO_MAX_R": "16"}
+    floor = parse_args(
+        ["--min-fidelity", "0.8", "--calibration-dir", "photos", "--fidelity-min-samples", "10"]
+    )
+    assert floor.variants == ["0", FLOOR, AUTO]
+    assert server_env(floor) == {
+        "TOME_LATENCY_TARGET_MS": "1000",
+        "TOME_MIN_FIDELITY": "0.8",
+        "TOME_CALIBRATION_DIR": "photos",
+        "TOME_FIDELITY_MIN_SAMPLES": "10",
+    }
+    with pytest.raises(SystemExit):
+        parse_args(["--variants", "0", FLOOR])  # a floor variant without a floor
 
 
 def test_open_loop_reads_the_r_of_every_answer_from_a_real_server(tiny_server):

@@ -32,6 +32,7 @@ import tome
 from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.loading import LoadedModel, load_model
+from tome_serve.threads import SMALL_CPU_CORES, THREADS_PER_INSTANCE, loading_threads
 
 MODEL = "vit_tiny_patch16_224"
 TOKENS, DEPTH = 65, 4
@@ -83,6 +84,34 @@ def test_the_loading_thread_ends_once_the_models_are_loaded() -> None:
         assert not loader.is_alive(), f"the loading thread {loader.name} outlived the loading"
         assert loader is not threading.main_thread()
         assert client.post("/classify", content=png()).status_code == 200
+
+
+def test_models_load_on_one_instances_torch_threads_and_the_default_is_put_back() -> None:
+    """A seeded init on every core's thread crawls when another process takes part of a core (each
+    pass waits at a barrier), so loading runs on one instance's count, and threads started later
+    still begin with the process's own count."""
+    seen: list[int] = []
+
+    def recording_loader(name: str, settings: Settings) -> LoadedModel:
+        seen.append(torch.get_num_threads())
+        return load_model(name, settings)
+
+    before = torch.get_num_threads()
+    settings = Settings(model=MODEL, weights="random", model_kwargs=TINY_MODEL_KWARGS, device="cpu")
+    with TestClient(create_app(settings, loader=recording_loader)) as client:
+        wait_until(lambda: is_ready(client), 30, "/readyz 200", poll_s=0.05)
+        assert seen == [loading_threads()]
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [before]
+        assert client.post("/classify", content=png()).status_code == 200
+
+
+def test_loading_threads_follow_the_automatic_plan() -> None:
+    assert loading_threads(cores=2) == loading_threads(cores=SMALL_CPU_CORES) == 1
+    assert loading_threads(cores=64) == THREADS_PER_INSTANCE
 
 
 FAIL_R = 3
