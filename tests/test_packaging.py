@@ -151,6 +151,7 @@ runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
         ("tome_bench.serve", ["aiohttp", "httpx"]),  # only [serve] installed
         ("tome_bench.serve", WEB_STACK),  # only [bench] installed
         ("tome_bench.auto", ["httpx"]),
+        ("tome_bench.shadow", ["prometheus_client"]),
         ("tome_bench.soak", ["aiohttp"]),
     ],
 )
