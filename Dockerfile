@@ -3,7 +3,7 @@
 # tome-serve container image.
 #
 #   CPU (default):  docker build -t tome-serve:cpu .
-#   CUDA:           docker build -t tome-serve:cuda --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+#   CUDA:           docker build -t tome-serve:cuda --build-arg TORCH_INDEX_URL= .
 #
 # PyPI's Linux torch wheels are the CUDA build and bring their own CUDA runtime libraries (as pip
 # packages), so both variants share the slim Python base; the host only needs the NVIDIA driver and the
@@ -18,7 +18,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS builder
 
 # Which PyTorch wheel index to install torch and torchvision from: the CPU-only index keeps the
-# multi-gigabyte CUDA libraries out of the image.
+# multi-gigabyte CUDA libraries out of the image; empty means pip's default index (PyPI's, whose
+# Linux wheels are the CUDA build).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.15.0
 ARG TORCHVISION_VERSION=0.29.2
@@ -30,7 +31,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 # torch first and alone: it is the slowest layer and changes least often, so it stays cached while the
 # project's own code changes. torchvision must come from the same index to match torch's build.
 RUN python -m venv /opt/venv \
-    && pip install --index-url "${TORCH_INDEX_URL}" \
+    && if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
+    && pip install \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /src
