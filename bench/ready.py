@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 
 from .serve import free_port, wait_until_ok
-from .stats import cpu_description, load_average
+from .stats import load_average, run_facts
 
 TABLE_LINE = re.compile(r"r=auto timing table: (\d+) cells (?:measured|loaded from \S+) in ([\d.]+) s")
 PHASES = {
@@ -213,10 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                 starts.append(start_once(args, state_dir, round_, code, variant, paths[code]))
                 print(json.dumps(asdict(starts[-1])), flush=True)
     result = {
-        "machine": cpu_description(),
-        "load_average": {"start": load_at_start, "end": load_average()},
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        **run_facts(load_at_start),
         "median": summarize(starts),
         "starts": [asdict(s) for s in starts],
     }

@@ -22,7 +22,6 @@ import os
 import signal
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from .serve import (
     summarize,
     test_image,
 )
-from .stats import cpu_description, load_average
+from .stats import load_average, run_facts
 
 SHADOW, OFF = "shadow", "off"
 
@@ -175,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
     result = {
-        "machine": cpu_description(),
-        "load_average": {"start": load_at_start, "end": load_average()},
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        **run_facts(load_at_start),
         "verdict": verdict(rounds),
         "rounds": [asdict(each) for each in rounds],
     }

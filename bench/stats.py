@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -150,3 +153,14 @@ def cpu_description() -> str:
 
     flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS))
     return f"{cpu_name() or 'unknown CPU'} ({', '.join(flags) or 'no bfloat16 flags'})"
+
+
+def run_facts(load_at_start: float | None) -> dict[str, Any]:
+    """What a benchmark's result names beside its figures: the machine, the load average at the
+    run's start and now (its end), the date and the command."""
+    return {
+        "machine": cpu_description(),
+        "load_average": {"start": load_at_start, "end": load_average()},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
