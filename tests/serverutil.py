@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -151,6 +152,11 @@ def wait_until(
             return
         time.sleep(poll_s)
     raise TimeoutError(f"{what} not within {timeout:.0f} s\n{log()[-4000:]}")
+
+
+def lane_of(client: Any, model: str) -> Any:
+    """The lane (server/lane.py) serving ``model`` in an in-process server's TestClient."""
+    return client.app.state.service.lanes[model]
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:

@@ -17,7 +17,7 @@ from functools import partial
 import pytest
 from autofakes import MAX_BATCH, R_MAX, FakeClock, cpu_like, warmed_table
 from fastapi.testclient import TestClient
-from serverutil import TINY_MODEL_KWARGS, is_ready, png, wait_until
+from serverutil import TINY_MODEL_KWARGS, is_ready, lane_of, png, wait_until
 
 from tome_runtime.fidelity import Comparison, FidelityTable
 from tome_serve.app import create_app
@@ -208,7 +208,7 @@ def lane(client: TestClient) -> Iterator[Lane]:
     and it is measured better than tome at r=24. The controller's clock stands 1000 s after every
     request's arrival, so each counts with a fresh target from now: its decisions do not depend on how
     long the test takes."""
-    lane: Lane = client.app.state.service.lanes[MODEL]
+    lane: Lane = lane_of(client, MODEL)
     kept = lane.auto, lane.fidelity
     tables = [warmed_table(one_image_seconds(f), 32, 8, rule) for f, rule in ((1.0, "tome"), (1.02, "mlerp"))]
     lane.auto = AutoR(tables, 32, lane.worker.instances, clock=FakeClock(time.monotonic() + 1000))

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 from fastapi.testclient import TestClient
-from serverutil import REPO_ROOT, is_ready, wait_until
+from serverutil import REPO_ROOT, is_ready, lane_of, wait_until
 
 from tome_serve.app import create_app
 from tome_serve.config import Settings
@@ -85,7 +85,7 @@ def test_r0_embeddings_are_timms_and_the_cosine_to_r0_falls_with_r(
 ) -> None:
     plain = timm.create_model(MODEL, pretrained=False, **KWARGS).eval()
     plain.load_state_dict(torch.load(weights, weights_only=True))
-    preprocessor = client.app.state.service.lanes[MODEL].model.preprocessor
+    preprocessor = lane_of(client, MODEL).model.preprocessor
     pixels = torch.stack([preprocessor(decode_image(photo, 10**8)) for photo in photos])
     with torch.inference_mode():
         direct = plain(preprocessor.normalize(pixels, torch.float32))

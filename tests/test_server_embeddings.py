@@ -16,14 +16,13 @@ import pytest
 import timm
 import torch
 from fastapi.testclient import TestClient
-from serverutil import TINY_MODEL_KWARGS, is_ready, metric_value, png, wait_until
+from serverutil import TINY_MODEL_KWARGS, is_ready, lane_of, metric_value, png, wait_until
 from tiny import NAME
 
 import tome
 from tome_serve.app import create_app
 from tome_serve.config import Settings
 from tome_serve.images import decode_image
-from tome_serve.lane import Lane
 
 DEPTH, WIDTH, PATCHES = 4, 64, 64  # TINY_MODEL_KWARGS: 64x64 input, 8x8 patches, one class token
 
@@ -64,13 +63,9 @@ def vectors(response: httpx.Response) -> list[np.ndarray]:
     return [np.asarray(item["embedding"], dtype=np.float32) for item in response.json()["data"]]
 
 
-def lane_of(client: TestClient) -> Lane:
-    return client.app.state.service.lanes[NAME]
-
-
 def direct(client: TestClient, images: list[bytes]) -> tuple[torch.nn.Module, torch.Tensor]:
     """An unpatched timm model with the served weights, and the images as the server feeds them."""
-    model = lane_of(client).model
+    model = lane_of(client, NAME).model
     plain = timm.create_model(
         NAME, pretrained=False, **model.module.pretrained_cfg.get("kwargs", {}), **TINY_MODEL_KWARGS
     ).eval()
@@ -121,7 +116,7 @@ def test_each_pooling_equals_timm_at_r0(client: TestClient) -> None:
 def test_patch_features_of_a_merged_model_spread_each_token_over_its_patches(client: TestClient) -> None:
     r = 12
     body = embed(client, pooling="patch", normalize=False, r=r).json()
-    module, (_, x) = lane_of(client).model.module, direct(client, IMAGES)
+    module, (_, x) = lane_of(client, NAME).model.module, direct(client, IMAGES)
     with torch.inference_mode(), tome.merging(r=r, trace_source=True) as info:
         features = module.forward_features(x)
     for i, item in enumerate(body["data"]):

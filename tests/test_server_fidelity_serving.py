@@ -19,7 +19,7 @@ from autofakes import MAX_BATCH, R_MAX, FakeClock, warmed_table
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from serverutil import TINY_MODEL_KWARGS, metric_value, png
+from serverutil import TINY_MODEL_KWARGS, lane_of, metric_value, png
 
 from tome_runtime.fidelity import Comparison, FidelityTable, Outputs
 from tome_serve import calibration
@@ -29,7 +29,6 @@ from tome_serve.config import Settings
 from tome_serve.fidelity_metrics import FidelityMetrics
 from tome_serve.inference import Kept
 from tome_serve.item import Result, Want
-from tome_serve.lane import Lane
 from tome_serve.loading import load_model
 from tome_serve.params import Asked
 from tome_serve.service import InferenceService
@@ -65,10 +64,6 @@ def client() -> Iterator[TestClient]:
     """Default settings: calibration on the sample photos, no floor, no shadow runs."""
     with started(settings()) as client:
         yield client
-
-
-def lane_of(client: TestClient) -> Lane:
-    return client.app.state.service.lanes[MODEL]
 
 
 def test_calibration_on_the_sample_photos_fills_the_table(client: TestClient) -> None:
@@ -119,7 +114,7 @@ def test_embeddings_carry_the_cosine_fidelity_and_take_a_cosine_floor(client: Te
 
 
 def test_fidelity_metrics_are_read_at_scrape_time(client: TestClient) -> None:
-    lane = lane_of(client)
+    lane = lane_of(client, MODEL)
     exposition = client.get("/metrics").text
     for row in lane.fidelity["tome"].rows():
         labels = {"model": MODEL, "r": str(row.r), "kind": row.kind}
@@ -153,7 +148,7 @@ def known_table(rs: tuple[int, ...] = GRID) -> FidelityTable:
 
 def test_a_floor_becomes_the_request_s_auto_ceiling_and_the_server_floor_wins() -> None:
     with started(settings(min_fidelity=0.9)) as client:
-        lane = lane_of(client)
+        lane = lane_of(client, MODEL)
         info = client.get("/models").json()["models"][0]["fidelity"]
         assert info["max_r_at_floor"] == {"agreement": 0, "cosine": 0}  # four photos: too few samples
         assert metric_value(client.get("/metrics").text, "tome_fidelity_floor", kind="agreement") == 0.9
@@ -281,7 +276,7 @@ def test_shadow_runs_only_while_idle_and_counts_what_it_drops() -> None:
 def test_shadow_runs_fill_the_table_when_idle_and_are_dropped_under_load() -> None:
     with started(settings(shadow_rate=1.0, calibration_budget_s=0)) as client:
         service: InferenceService = client.app.state.service
-        lane = lane_of(client)
+        lane = lane_of(client, MODEL)
 
         def counted(outcome: str) -> float:
             return metric_value(client.get("/metrics").text, "tome_shadow_runs_total", outcome=outcome)
