@@ -45,7 +45,7 @@ from tome_serve.routes import _embedding, router
 from tome_serve.schemas import EmbeddingsRequest, EmbeddingsResponse, EmbeddingUsage
 from tome_serve.upload import _base64_image
 
-from .serve import EmbeddingsPost, test_image
+from .serve import EmbeddingsPost, model_settings, test_image
 from .speed import describe_machine
 from .timing import interleaved_seconds
 
@@ -136,9 +136,7 @@ def decode(body: bytes) -> np.ndarray:
 
 
 def measure(name: str, args: argparse.Namespace) -> list[Row]:
-    settings = Settings(
-        model=name, weights=args.weights, model_kwargs=args.model_kwargs, device=args.device, dtype=args.dtype
-    )
+    settings = model_settings(args, model=name)
     loaded = load_model(name, settings)
     results = embedded(loaded, args.r, args.batch_size, args.pooling)
     loop = asyncio.new_event_loop()

@@ -34,7 +34,6 @@ import httpx
 import torch
 
 import tome
-from tome_serve.config import Settings
 from tome_serve.loading import load_model
 
 from .serve import (
@@ -43,6 +42,7 @@ from .serve import (
     add_server_model_arguments,
     closed_loop,
     cpu_report,
+    model_settings,
     start_server,
     summarize,
     test_image,
@@ -66,13 +66,7 @@ RATIOS = {
 
 def direct_forward(args: argparse.Namespace) -> Callable[[], object]:
     """The embeddings forward pass of the served model, loaded as the server loads it, on a ready batch."""
-    settings = Settings(
-        model=args.model,
-        weights=args.weights,
-        model_kwargs=args.model_kwargs,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    settings = model_settings(args)
     loaded = load_model(settings.model_names[0], settings)
     pixels = torch.stack([loaded.preprocessor(test_image(None, args.image_size)[0])] * args.batch_size)
     batch = loaded.preprocessor.normalize(pixels.to(loaded.device), loaded.dtype)

@@ -511,6 +511,19 @@ def add_server_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def model_settings(args: argparse.Namespace, **more: object) -> Settings:
+    """The server's settings for the model options of :func:`add_server_model_arguments` and --dtype
+    (``more`` overrides or adds), so the direct model loads as the served one does."""
+    options = {
+        "model": args.model,
+        "weights": args.weights,
+        "model_kwargs": args.model_kwargs,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    return Settings(**{**options, **more})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -580,14 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = args.concurrency or 3 * args.batch_size
     key = os.environ.get("TOME_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    settings = Settings(
-        model=args.model,
-        weights=args.weights,
-        model_kwargs=args.model_kwargs,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=args.batch_size,
-    )
+    settings = model_settings(args, max_batch_size=args.batch_size)
     image, payload = test_image(args.image, args.image_size)
     process, url = (None, args.url) if args.url else start_server(args)
     Client.multipart = args.multipart
